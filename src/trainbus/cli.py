@@ -1,0 +1,145 @@
+"""The ``trainbus`` command: ``demo`` trains the bundled example, ``plan`` shows what runs when."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from trainbus.errors import TrainbusError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``trainbus`` console script; returns the exit status."""
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    try:
+        status: int = arguments.run(arguments)
+    except TrainbusError as exc:
+        print(f"trainbus: error: {exc}", file=sys.stderr)
+        return 2
+    return status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainbus",
+        description="A PyTorch training engine built as a publish/subscribe system.",
+    )
+    parser.add_argument("--version", action="version", version=f"trainbus {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a small CNN on scikit-learn's handwritten digits",
+        description="Train a small CNN on scikit-learn's handwritten digits into a new MAPS.",
+    )
+    demo.add_argument(
+        "--maps",
+        type=Path,
+        default=None,
+        help="experiment directory to create (default: runs/demo-<date>-<time>)",
+    )
+    demo.add_argument("--epochs", type=_positive, default=None, help="maximum epochs (default 15)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.set_defaults(run=_demo)
+
+    plan = commands.add_parser(
+        "plan",
+        help="print the dispatch plan: per event, who runs in which order",
+        description="Print the dispatch plan of the demo's Trainer: per event, the "
+        "subscribers in order with their priority, filter and source.",
+    )
+    plan.add_argument("--event", default=None, help="only this event")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan.set_defaults(run=_plan)
+    return parser
+
+
+def _demo(arguments: argparse.Namespace) -> int:
+    from trainbus.demo.run import DEFAULT_EPOCHS, run_demo
+
+    maps = arguments.maps or Path("runs") / _dt.datetime.now().strftime("demo-%Y%m%d-%H%M%S")
+    epochs = arguments.epochs or DEFAULT_EPOCHS
+    print(f"trainbus demo: training a small CNN on the digits data set into {maps}")
+    result = run_demo(maps, epochs=epochs, seed=arguments.seed)
+    print()
+    print("Summary")
+    print(f"  epochs run          {result.epochs} of at most {epochs}")
+    if result.stopped_by:
+        print(f"  stopped by          {result.stopped_by}: {result.stop_reason}")
+    print(f"  best epoch          {result.best_epoch} (0-based)")
+    print(f"  validation accuracy {result.best_accuracy:.2%}")
+    print(f"  best validation loss {result.best_loss:.4f}")
+    print(f"  experiment files    {result.maps}")
+    print(f"    metrics           {result.maps / 'metrics.tsv'}")
+    print(f"    best weights      {result.maps / 'checkpoints' / 'best-accuracy'}")
+    print(f"    configuration     {result.maps / 'maps.json'}")
+    return 0
+
+
+def _plan(arguments: argparse.Namespace) -> int:
+    from trainbus.demo.run import build_trainer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        # The MAPS is only created by train(); building the Trainer writes nothing there.
+        trainer = build_trainer(Path(scratch) / "unused")
+        rows = trainer.plan(arguments.event)
+    if arguments.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_plan(rows))
+    return 0
+
+
+def format_plan(rows: Sequence[dict[str, Any]]) -> str:
+    """The plan as an aligned text table, one block per event."""
+    if not rows:
+        return "(no subscribers)"
+    headers = ("#", "subscriber", "priority", "filter", "source", "on_error", "ranks")
+    lines: list[str] = []
+    table: list[tuple[str, ...]] = [
+        (
+            str(row["position"]),
+            str(row["id"]),
+            str(row["priority"]),
+            str(row["filter"]),
+            str(row["source"]),
+            str(row["on_error"]),
+            "rank 0" if row["rank_zero_only"] else "all",
+        )
+        for row in rows
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(headers)]
+    current = None
+    for row, cells in zip(rows, table, strict=True):
+        if row["event"] != current:
+            current = row["event"]
+            if lines:
+                lines.append("")
+            lines.append(f"{current}")
+            lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _version() -> str:
+    import trainbus
+
+    return trainbus.__version__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

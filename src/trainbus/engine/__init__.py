@@ -1,0 +1,1 @@
+"""The loop and what it owns: state, model contract, metrics, MAPS, checkpoints, Trainer."""

@@ -1,0 +1,170 @@
+"""Where and how the numbers are computed: device, precision, batch transfer, seeding."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainbus.errors import ConfigurationError, ConfigurationTypeError
+
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` picks CUDA when available, else the CPU; anything else is checked."""
+    if isinstance(device, torch.device):
+        resolved = device
+    elif isinstance(device, str):
+        if device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            resolved = torch.device(device)
+        except RuntimeError as exc:
+            raise ConfigurationError(
+                f"device={device!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+            ) from exc
+    else:
+        raise ConfigurationTypeError(
+            f"device={device!r} is not a string or torch.device; use 'auto', 'cpu' or 'cuda'"
+        )
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError(
+            f"device={device!r} asks for CUDA, which is not available on this machine; "
+            "use device='auto' or 'cpu'"
+        )
+    return resolved
+
+
+@dataclass(frozen=True, slots=True)
+class Precision:
+    """Autocast dtype and loss scaling for one device."""
+
+    name: str
+    dtype: torch.dtype | None
+    device_type: str
+
+    @property
+    def scales_loss(self) -> bool:
+        """fp16 needs loss scaling to keep small gradients from flushing to zero."""
+        return self.dtype is torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The autocast context of this precision (a no-op for full precision)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """A GradScaler for fp16, else None."""
+        if not self.scales_loss:
+            return None
+        return torch.amp.GradScaler(self.device_type)
+
+
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """Check ``precision`` ('32', 'bf16' or '16') against the device."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ConfigurationError(
+            f"precision={precision!r} is not one of {sorted(PRECISIONS)}; use '32' for full "
+            "precision, 'bf16' or '16' for mixed precision"
+        )
+    if precision == "16" and device.type != "cuda":
+        raise ConfigurationError(
+            f"precision='16' needs a CUDA device (the device is {device}); use precision='bf16' "
+            "for mixed precision on the CPU"
+        )
+    return Precision(precision, PRECISIONS[precision], device.type)
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device`` (non-blocking from pinned memory)."""
+    if isinstance(batch, torch.Tensor):
+        if batch.device == device:
+            return batch
+        return batch.to(device, non_blocking=batch.is_pinned())
+    if isinstance(batch, Mapping):
+        return {key: move_to(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to(v, device) for v in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def batch_size(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor (host-side, no sync)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    if isinstance(batch, Mapping):
+        values: Iterable[Any] = batch.values()
+    elif isinstance(batch, Sequence) and not isinstance(batch, str):
+        values = batch
+    else:
+        return 1
+    for value in values:
+        size = batch_size(value)
+        if size:
+            return size
+    return 1
+
+
+def with_last(iterable: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """Yield ``(item, is_last)`` with one item of lookahead (loaders without ``len`` too)."""
+    iterator = iter(iterable)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    for upcoming in iterator:
+        yield current, False
+        current = upcoming
+    yield current, True
+
+
+def seed_everything(seed: int) -> int:
+    """Seed Python's, NumPy's and torch's global generators (CUDA included); returns the seed."""
+    if type(seed) is not int or not 0 <= seed < 2**32:
+        raise ConfigurationError(f"seed={seed!r} is not an int in [0, 2**32); pass e.g. seed=42")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return seed
+
+
+class DeterministicMode:
+    """Turn on deterministic algorithms for the duration of a call and restore the settings."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._previous: tuple[bool, bool, bool] | None = None
+
+    def __enter__(self) -> None:
+        if not self.enabled:
+            return
+        self._previous = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark,
+        )
+        if torch.cuda.is_available():
+            # cuBLAS needs a fixed workspace to be deterministic; read when CUDA initialises.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+    def __exit__(self, *_: object) -> None:
+        if self._previous is None:
+            return
+        algorithms, cudnn_deterministic, cudnn_benchmark = self._previous
+        torch.use_deterministic_algorithms(algorithms)
+        torch.backends.cudnn.deterministic = cudnn_deterministic
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        self._previous = None

@@ -1,0 +1,252 @@
+"""The experiment directory (MAPS): one directory per run, created once, written atomically.
+
+Layout (every name below is relative to the MAPS root)::
+
+    maps.json            versions, seed, configuration, dispatch plan, outcome of each call
+    environment.json     installed distributions and versions (importlib.metadata)
+    metrics.tsv          one row per validation / test pass
+    training_loss.tsv    mean training loss at each log interval
+    logs/train.jsonl     structured logs, one JSON object per line
+    checkpoints/<tag>/   model weights (safetensors) with a manifest
+
+A MAPS that exists is never silently reused: pass ``overwrite=True`` to replace it (only a
+directory that is a trainbus MAPS, or empty, is ever deleted). Every name written is checked,
+so nothing lands outside the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from trainbus.errors import (
+    ConfigurationTypeError,
+    MapsError,
+    MapsExistsError,
+    UnsafePathError,
+)
+
+MAPS_FILE = "maps.json"
+ENVIRONMENT_FILE = "environment.json"
+METRICS_FILE = "metrics.tsv"
+TRAINING_LOSS_FILE = "training_loss.tsv"
+LOGS_DIR = "logs"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is one safe path component, else raise :class:`UnsafePathError`."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in {".", ".."}
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or any(ord(c) < 32 for c in name)
+    ):
+        raise UnsafePathError(
+            f"name {name!r} cannot be written into a MAPS: it must be one path component "
+            "without separators, control characters, '.' or '..'"
+        )
+    return name
+
+
+class Maps:
+    """Handle on an experiment directory; the directory is created by :meth:`create`."""
+
+    def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        if not isinstance(path, str | os.PathLike):
+            raise ConfigurationTypeError(
+                f"maps={path!r} is not a path; pass the directory of the experiment, e.g. "
+                "maps='maps_directory'"
+            )
+        if not isinstance(overwrite, bool):
+            raise ConfigurationTypeError(f"overwrite={overwrite!r} is not a bool")
+        self.path = Path(path).absolute()
+        self.overwrite = overwrite
+        self._created = False
+        self.check_available()
+
+    def __repr__(self) -> str:
+        return f"Maps({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def created(self) -> bool:
+        """Whether this handle created (or took over) the directory."""
+        return self._created
+
+    def check_available(self) -> None:
+        """Raise :class:`MapsExistsError` if creating the MAPS would overwrite something."""
+        if self._created or not self.path.exists():
+            return
+        if not self.path.is_dir():
+            raise MapsExistsError(
+                f"MAPS path {str(self.path)!r} exists and is not a directory; choose another "
+                "path for the experiment"
+            )
+        if not any(self.path.iterdir()):
+            return
+        if not self.overwrite:
+            raise MapsExistsError(
+                f"MAPS directory {str(self.path)!r} already exists and is not empty; choose a "
+                "new directory, or pass overwrite=True to replace it"
+            )
+        if not (self.path / MAPS_FILE).is_file():
+            raise MapsExistsError(
+                f"MAPS directory {str(self.path)!r} is not empty and holds no {MAPS_FILE}, so "
+                "it is not a trainbus MAPS; refusing to delete it even with overwrite=True. "
+                "Choose another path."
+            )
+
+    def create(self) -> None:
+        """Create the directory (replacing an old MAPS only when ``overwrite=True``)."""
+        if self._created:
+            return
+        self.check_available()
+        if self.path.exists() and any(self.path.iterdir()):
+            shutil.rmtree(self.path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for sub in (LOGS_DIR, CHECKPOINTS_DIR):
+                (self.path / sub).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise MapsError(
+                f"cannot create MAPS directory {str(self.path)!r}: {exc.strerror}; check the "
+                "path and its permissions"
+            ) from exc
+        self._created = True
+
+    def file(self, *parts: str) -> Path:
+        """The path of ``parts`` inside the MAPS, each part checked by :func:`check_name`."""
+        return self.path.joinpath(*(check_name(part) for part in parts))
+
+    # ------------------------------------------------------------- writing
+    def write_bytes(self, data: bytes, *parts: str) -> Path:
+        """Write a file atomically: temporary file, fsync, rename, fsync of the directory."""
+        target = self.file(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(data)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+        fsync_directory(target.parent)
+        return target
+
+    def write_json(self, data: Any, *parts: str) -> Path:
+        """Write ``data`` as indented JSON, atomically."""
+        text = json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
+        return self.write_bytes(text.encode(), *parts)
+
+    def read_json(self, *parts: str) -> Any:
+        """Read a JSON file of the MAPS."""
+        with self.file(*parts).open(encoding="utf-8") as stream:
+            return json.load(stream)
+
+    def append_row(self, columns: Sequence[str], row: Mapping[str, Any], *parts: str) -> Path:
+        """Append one row to a TSV file, writing the header when the file is new.
+
+        The header of an existing file must list the same columns: a run never mixes layouts.
+        """
+        target = self.file(*parts)
+        exists = target.exists() and target.stat().st_size > 0
+        if exists:
+            with target.open(encoding="utf-8", newline="") as stream:
+                header = stream.readline().rstrip("\n").split("\t")
+            if header != list(columns):
+                raise MapsError(
+                    f"{target} has columns {header}, but the row has {list(columns)}; a MAPS "
+                    "holds one layout per file: start a new MAPS for a different metric set"
+                )
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
+        if not exists:
+            writer.writerow(columns)
+        writer.writerow([_cell(row.get(column)) for column in columns])
+        with target.open("a", encoding="utf-8", newline="") as stream:
+            stream.write(buffer.getvalue())
+            stream.flush()
+            os.fsync(stream.fileno())
+        return target
+
+    def read_rows(self, *parts: str) -> list[dict[str, str]]:
+        """Read a TSV file of the MAPS as a list of dicts (empty if it does not exist)."""
+        target = self.file(*parts)
+        if not target.exists():
+            return []
+        with target.open(encoding="utf-8", newline="") as stream:
+            return list(csv.DictReader(stream, delimiter="\t"))
+
+    def write_environment(self) -> Path:
+        """Write ``environment.json``: Python, platform and every installed distribution."""
+        return self.write_json(environment(), ENVIRONMENT_FILE)
+
+    def iter_files(self) -> Iterator[Path]:
+        """Every file of the MAPS, sorted."""
+        yield from sorted(p for p in self.path.rglob("*") if p.is_file())
+
+
+def environment() -> dict[str, Any]:
+    """Interpreter, platform and installed distributions, read with importlib.metadata."""
+    packages: dict[str, str] = {}
+    for distribution in metadata.distributions():
+        name = distribution.metadata["Name"]
+        if name:
+            packages[name] = distribution.version
+    return {
+        "python": sys.version,
+        "executable": sys.executable,
+        "platform": sys.platform,
+        "packages": dict(sorted(packages.items(), key=lambda item: item[0].lower())),
+    }
+
+
+def fsync_directory(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)
+    return str(value).replace("\t", " ").replace("\r", " ").replace("\n", " ")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return repr(value)

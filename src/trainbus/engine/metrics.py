@@ -1,0 +1,183 @@
+"""Evaluation metrics: :class:`LossMetricConfig`, any ``torchmetrics.Metric``, and their binding.
+
+``Trainer(metrics={"loss": LossMetricConfig(loss_name="loss"), "accuracy": Accuracy(...)})``
+names each metric. During an evaluation pass every metric accumulates on the device (no
+host-device sync per batch); values are read once, at the end of the pass, as floats.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torchmetrics
+
+from trainbus.errors import ConfigurationError, ConfigurationTypeError, ModelContractError
+
+
+@dataclass(frozen=True, slots=True)
+class LossMetricConfig:
+    """The mean of a loss returned by ``evaluation_step``, weighted by batch size."""
+
+    loss_name: str = "loss"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.loss_name, str) or not self.loss_name:
+            raise ConfigurationError(
+                f"loss_name={self.loss_name!r} is not a non-empty string; pass the key under "
+                "which evaluation_step returns the loss, e.g. LossMetricConfig(loss_name='loss')"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class TorchMetricConfig:
+    """A ``torchmetrics.Metric`` fed ``outputs[preds], outputs[target]`` of ``evaluation_step``."""
+
+    metric: torchmetrics.Metric
+    preds: str = "preds"
+    target: str = "target"
+
+
+MetricSpec = LossMetricConfig | TorchMetricConfig | torchmetrics.Metric
+
+
+class BoundMetric(Protocol):
+    """A metric ready to accumulate evaluation outputs."""
+
+    name: str
+    higher_is_better: bool | None
+
+    def to(self, device: torch.device) -> None: ...
+    def update(self, outputs: Mapping[str, Any], batch_size: int) -> None: ...
+    def compute(self) -> float: ...
+    def reset(self) -> None: ...
+
+
+class _MeanLoss:
+    """Batch-size-weighted mean of ``outputs[loss_name]``, accumulated on the device."""
+
+    higher_is_better: bool | None = False
+
+    def __init__(self, name: str, loss_name: str) -> None:
+        self.name = name
+        self.loss_name = loss_name
+        self._total: torch.Tensor | None = None
+        self._count = 0
+
+    def to(self, device: torch.device) -> None:
+        self._total = None
+
+    def update(self, outputs: Mapping[str, Any], batch_size: int) -> None:
+        value = _lookup(outputs, self.loss_name, self.name)
+        if not isinstance(value, torch.Tensor) or value.ndim != 0:
+            raise ModelContractError(
+                f"metric {self.name!r} reads evaluation_step's {self.loss_name!r}, which is "
+                f"{_shape(value)}; return the batch's mean loss as a scalar tensor"
+            )
+        weighted = value.detach().float() * batch_size
+        self._total = weighted if self._total is None else self._total + weighted
+        self._count += batch_size
+
+    def compute(self) -> float:
+        if self._total is None or self._count == 0:
+            return math.nan
+        return float((self._total / self._count).item())  # host-device sync, once per pass
+
+    def reset(self) -> None:
+        self._total = None
+        self._count = 0
+
+
+class _TorchMetric:
+    """A torchmetrics metric fed from named evaluation outputs."""
+
+    def __init__(self, name: str, config: TorchMetricConfig) -> None:
+        self.name = name
+        self.config = config
+        self.metric = config.metric
+        self.higher_is_better = config.metric.higher_is_better
+
+    def to(self, device: torch.device) -> None:
+        self.metric.to(device)
+
+    def update(self, outputs: Mapping[str, Any], batch_size: int) -> None:
+        preds = _lookup(outputs, self.config.preds, self.name)
+        target = _lookup(outputs, self.config.target, self.name)
+        self.metric.update(preds.detach(), target.detach())
+
+    def compute(self) -> float:
+        value = self.metric.compute()
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ModelContractError(
+                    f"metric {self.name!r} computed a tensor of shape {tuple(value.shape)}; "
+                    "metrics must reduce to one number (e.g. pass average='macro')"
+                )
+            return float(value.item())  # host-device sync, once per pass
+        return float(value)
+
+    def reset(self) -> None:
+        self.metric.reset()
+
+
+def bind_metrics(metrics: Mapping[str, MetricSpec] | None) -> dict[str, BoundMetric]:
+    """Check the user's metric mapping and bind each entry; ``None`` means the mean loss."""
+    if metrics is None:
+        return {"loss": _MeanLoss("loss", "loss")}
+    if not isinstance(metrics, Mapping):
+        raise ConfigurationTypeError(
+            f"metrics={metrics!r} is not a mapping; pass a dict of name -> metric, e.g. "
+            "{'loss': LossMetricConfig(loss_name='loss')}"
+        )
+    bound: dict[str, BoundMetric] = {}
+    for name, spec in metrics.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigurationError(
+                f"metric name {name!r} is not an identifier; metric names become column names "
+                "and keys of state.metrics: use names like 'loss' or 'val_accuracy'"
+            )
+        if isinstance(spec, LossMetricConfig):
+            bound[name] = _MeanLoss(name, spec.loss_name)
+        elif isinstance(spec, TorchMetricConfig):
+            bound[name] = _TorchMetric(name, spec)
+        elif isinstance(spec, torchmetrics.Metric):
+            bound[name] = _TorchMetric(name, TorchMetricConfig(spec))
+        else:
+            raise ConfigurationTypeError(
+                f"metric {name!r} is {spec!r}; expected LossMetricConfig, TorchMetricConfig or "
+                "a torchmetrics.Metric"
+            )
+    return bound
+
+
+def is_better(value: float, best: float | None, higher_is_better: bool | None) -> bool:
+    """Whether ``value`` improves on ``best`` (NaN never does; unknown direction: lower wins)."""
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value > best if higher_is_better else value < best
+
+
+def _lookup(outputs: Mapping[str, Any], key: str, metric: str) -> Any:
+    if not isinstance(outputs, Mapping):
+        raise ModelContractError(
+            f"evaluation_step returned {type(outputs).__name__}; metric {metric!r} needs a dict "
+            f"holding {key!r}"
+        )
+    try:
+        return outputs[key]
+    except KeyError:
+        raise ModelContractError(
+            f"metric {metric!r} reads {key!r} from evaluation_step's outputs, which hold "
+            f"{sorted(outputs)}; return {key!r} or configure the metric's keys"
+        ) from None
+
+
+def _shape(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:80]

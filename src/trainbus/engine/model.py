@@ -1,0 +1,160 @@
+"""The Model contract (the essential logic of an experiment) and :class:`SupervisedModel`.
+
+A :class:`Model` is an ``nn.Module`` that says how a batch is processed; the Trainer decides
+when. Override:
+
+- :meth:`Model.forward_step` (required): a training batch -> the loss to backpropagate, as a
+  scalar tensor, or a dict of named losses holding it under ``"loss"``.
+- :meth:`Model.evaluation_step`: an evaluation batch -> the outputs the metrics read (a dict;
+  ``"loss"`` for :class:`~trainbus.LossMetricConfig`, ``"preds"``/``"target"`` for torchmetrics).
+- :meth:`Model.build_optimizers`: one optimizer or a sequence of them.
+- :meth:`Model.predict_step`, :meth:`Model.backward_step`, :meth:`Model.optimization_step`
+  when the defaults do not fit (several optimizers stepped differently, custom backward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeAlias
+
+import torch
+from torch import nn
+
+from trainbus.errors import ConfigurationTypeError, ModelContractError
+
+StepOutput: TypeAlias = torch.Tensor | Mapping[str, torch.Tensor]
+OptimizerFactory: TypeAlias = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+LossFunction: TypeAlias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Model(nn.Module):
+    """Base class of trainable models; see the module documentation for the contract."""
+
+    def forward_step(self, batch: Any) -> StepOutput:
+        """Compute the training loss of ``batch`` (scalar tensor or dict with ``"loss"``)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement forward_step(batch) returning the loss"
+        )
+
+    def evaluation_step(self, batch: Any) -> Mapping[str, Any]:
+        """Outputs of an evaluation batch for the metrics; default: the losses of forward_step."""
+        output = self.forward_step(batch)
+        if isinstance(output, torch.Tensor):
+            return {"loss": output}
+        return dict(output)
+
+    def predict_step(self, batch: Any) -> Any:
+        """What :meth:`Trainer.predict` collects for one batch; default: evaluation_step."""
+        return self.evaluation_step(batch)
+
+    def build_optimizers(self) -> torch.optim.Optimizer | Sequence[torch.optim.Optimizer]:
+        """The optimizer(s) of this model; default: Adam(lr=1e-3) over every parameter."""
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` (already divided for accumulation and scaled for fp16)."""
+        loss.backward()  # type: ignore[no-untyped-call]
+
+    def optimization_step(
+        self,
+        optimizers: Sequence[torch.optim.Optimizer],
+        scaler: torch.amp.GradScaler | None,
+    ) -> None:
+        """Step every optimizer (through ``scaler`` when fp16 loss scaling is on).
+
+        Gradients are already unscaled and clipped; the Trainer updates the scaler and zeroes
+        the gradients afterwards.
+        """
+        for optimizer in optimizers:
+            if scaler is not None:
+                scaler.step(optimizer)
+            else:
+                optimizer.step()
+
+
+class SupervisedModel(Model):
+    """A network trained on ``(inputs, target)`` batches with one loss and one optimizer.
+
+    ``optimizer`` is an optimizer class or a factory taking the parameters, e.g.
+    ``functools.partial(torch.optim.SGD, lr=0.1)``; default Adam(lr=1e-3). Evaluation outputs
+    are ``{"loss", "preds", "target"}`` (``preds`` are the network's raw outputs).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        loss: nn.Module | LossFunction,
+        optimizer: OptimizerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(network, nn.Module):
+            raise ConfigurationTypeError(
+                f"network={network!r} is not a torch.nn.Module; pass the network to train"
+            )
+        if not callable(loss):
+            raise ConfigurationTypeError(
+                f"loss={loss!r} is not callable; pass e.g. torch.nn.CrossEntropyLoss()"
+            )
+        if optimizer is not None and not callable(optimizer):
+            raise ConfigurationTypeError(
+                f"optimizer={optimizer!r} is not an optimizer class or factory; pass e.g. "
+                "functools.partial(torch.optim.SGD, lr=0.1)"
+            )
+        self.network = network
+        self.loss = loss
+        self.optimizer_factory = optimizer
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The network's output for ``inputs``."""
+        output: torch.Tensor = self.network(inputs)
+        return output
+
+    def forward_step(self, batch: Any) -> StepOutput:
+        """The loss of one ``(inputs, target)`` batch."""
+        inputs, target = _split(batch)
+        loss: torch.Tensor = self.loss(self.network(inputs), target)
+        return loss
+
+    def evaluation_step(self, batch: Any) -> Mapping[str, Any]:
+        """``{"loss", "preds", "target"}`` for one batch."""
+        inputs, target = _split(batch)
+        preds = self.network(inputs)
+        return {"loss": self.loss(preds, target), "preds": preds, "target": target}
+
+    def predict_step(self, batch: Any) -> Any:
+        """The network's output for the inputs of one batch (target, if any, is ignored)."""
+        if isinstance(batch, torch.Tensor):
+            return self.network(batch)
+        inputs, _ = _split(batch)
+        return self.network(inputs)
+
+    def build_optimizers(self) -> torch.optim.Optimizer:
+        """The optimizer from the factory given at construction (default Adam, lr=1e-3)."""
+        if self.optimizer_factory is None:
+            return torch.optim.Adam(self.network.parameters(), lr=1e-3)
+        optimizer = self.optimizer_factory(self.network.parameters())
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ModelContractError(
+                f"optimizer factory {self.optimizer_factory!r} returned {optimizer!r}, not a "
+                "torch.optim.Optimizer"
+            )
+        return optimizer
+
+
+def _split(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, Mapping) and "input" in batch and "target" in batch:
+        return batch["input"], batch["target"]
+    raise ModelContractError(
+        f"SupervisedModel expects batches of (inputs, target) or {{'input', 'target'}}, got "
+        f"{_describe(batch)}; adapt the loader or subclass Model and override forward_step"
+    )
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return f"a {type(value).__name__} of {len(value)} items"
+    return repr(value)[:80]

@@ -1,0 +1,868 @@
+"""The Trainer: runs the essential loop and announces every step of it on the event bus.
+
+The loop does forward, backward, optimizer step and evaluation; everything else is a
+subscriber. See :mod:`trainbus.events.catalog` for the map of where each event fires and
+:mod:`trainbus.events.commands` for how handler requests are merged.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import platform
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
+
+import torch
+
+import trainbus
+from trainbus.engine import checkpoint
+from trainbus.engine.compute import (
+    DeterministicMode,
+    Precision,
+    batch_size,
+    move_to,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    with_last,
+)
+from trainbus.engine.maps import MAPS_FILE, Maps
+from trainbus.engine.metrics import BoundMetric, MetricSpec, bind_metrics, is_better
+from trainbus.engine.model import Model
+from trainbus.engine.state import StateKeeper, TrainerState
+from trainbus.errors import (
+    ConfigurationError,
+    ConfigurationTypeError,
+    DataError,
+    ModelContractError,
+    SubscriptionError,
+)
+from trainbus.events.bus import SOURCE_BUILTIN, SOURCE_USER, EventBus
+from trainbus.events.callback import Callback
+from trainbus.events.catalog import closest_names
+from trainbus.events.commands import Request, SaveCheckpoint, SkipStep, Stop, merge
+from trainbus.events.marker import Mark, OnError, Predicate, add_mark
+from trainbus.handlers.defaults import default_callbacks as _default_callbacks
+
+F = TypeVar("F", bound=Callable[..., Any])
+Stage = Literal["train", "validate", "test", "predict"]
+
+
+class Trainer:
+    """Train, validate, test and predict with a :class:`~trainbus.Model`, announcing every step.
+
+    Arguments (every keyword has a default):
+
+    - ``maps``: the experiment directory; it must not exist yet (or be empty) unless
+      ``overwrite=True``. It is created by the first call to train/validate/test/predict.
+    - ``model``: a :class:`~trainbus.Model` (e.g. :class:`~trainbus.SupervisedModel`).
+    - ``metrics``: ``{name: LossMetricConfig | torchmetrics.Metric | TorchMetricConfig}``;
+      default ``{"loss": LossMetricConfig("loss")}``.
+    - ``callbacks``: callbacks to add; an instance of a default callback's type replaces it.
+    - ``default_callbacks``: ``True`` (the defaults), ``False`` (none) or the default types
+      to keep.
+    - ``max_epochs``, ``val_every_n_epochs``, ``log_every_n_batches``: loop lengths.
+    - ``accumulate_grad_batches``: batches per optimizer step (a short last group is stepped
+      too, with gradients rescaled to a mean over its batches).
+    - ``gradient_clip_val`` / ``gradient_clip_algorithm`` (``"norm"`` or ``"value"``):
+      clipping after unscaling.
+    - ``device`` (``"auto"``, ``"cpu"``, ``"cuda:N"``), ``precision`` (``"32"``, ``"bf16"``,
+      ``"16"``), ``compile`` (``False``, ``True`` or ``torch.compile`` keyword arguments).
+    - ``seed``: seeds Python, NumPy and torch when given (recorded in ``maps.json``);
+      ``deterministic``: deterministic algorithms during each call.
+    """
+
+    def __init__(
+        self,
+        maps: str | Any,
+        model: Model,
+        metrics: Mapping[str, MetricSpec] | None = None,
+        callbacks: Iterable[Callback] | None = None,
+        *,
+        max_epochs: int = 100,
+        val_every_n_epochs: int = 1,
+        log_every_n_batches: int = 50,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+        device: str | torch.device = "auto",
+        precision: Literal["32", "bf16", "16"] = "32",
+        compile: bool | Mapping[str, Any] = False,
+        seed: int | None = None,
+        deterministic: bool = False,
+        default_callbacks: bool | Iterable[type[Callback]] = True,
+        overwrite: bool = False,
+    ) -> None:
+        if not isinstance(model, Model):
+            raise ConfigurationTypeError(
+                f"model={model!r} is not a trainbus.Model; subclass trainbus.Model (forward_step,"
+                " evaluation_step, build_optimizers) or wrap the network in "
+                "SupervisedModel(network, loss)"
+            )
+        self.max_epochs = _positive_int("max_epochs", max_epochs)
+        self.val_every_n_epochs = _positive_int("val_every_n_epochs", val_every_n_epochs)
+        self.log_every_n_batches = _positive_int("log_every_n_batches", log_every_n_batches)
+        self.accumulate_grad_batches = _positive_int(
+            "accumulate_grad_batches", accumulate_grad_batches
+        )
+        if gradient_clip_val is not None and (
+            isinstance(gradient_clip_val, bool)
+            or not isinstance(gradient_clip_val, int | float)
+            or not gradient_clip_val > 0
+            or not math.isfinite(gradient_clip_val)
+        ):
+            raise ConfigurationError(
+                f"gradient_clip_val={gradient_clip_val!r} is not a positive finite number; "
+                "pass e.g. gradient_clip_val=1.0, or None to disable clipping"
+            )
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ConfigurationError(
+                f"gradient_clip_algorithm={gradient_clip_algorithm!r} is not 'norm' or 'value'"
+            )
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.device = resolve_device(device)
+        self.precision: Precision = resolve_precision(precision, self.device)
+        if not isinstance(compile, bool | Mapping):
+            raise ConfigurationTypeError(
+                f"compile={compile!r} is not a bool or a dict of torch.compile arguments"
+            )
+        self.compile_options: dict[str, Any] | None = (
+            dict(compile) if isinstance(compile, Mapping) else ({} if compile else None)
+        )
+        if not isinstance(deterministic, bool):
+            raise ConfigurationTypeError(f"deterministic={deterministic!r} is not a bool")
+        self.deterministic = deterministic
+        self.seed = None if seed is None else seed_everything(seed)
+        self.maps = maps if isinstance(maps, Maps) else Maps(maps, overwrite=overwrite)
+        self.model = model
+        self.metrics: dict[str, BoundMetric] = bind_metrics(metrics)
+        self.bus = EventBus()
+        self.callbacks: list[Callback] = _resolve_callbacks(callbacks, default_callbacks)
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.scaler: torch.amp.GradScaler | None = None
+        self._state = StateKeeper(max_epochs=self.max_epochs)
+        self._pending: list[Request] = []
+        self._calls: list[dict[str, Any]] = []
+        self._compiled = False
+        self._loss_total: torch.Tensor | None = None
+        self._loss_count = 0
+        for callback in self.callbacks:
+            self._check_metric_names(callback)
+            self.bus.attach(callback, source=_source_of(callback))
+        self._emit("trainer_init")
+
+    # ----------------------------------------------------------------- public
+    @property
+    def state(self) -> TrainerState:
+        """The current state snapshot."""
+        return self._state.snapshot()
+
+    @property
+    def snapshots_built(self) -> int:
+        """How many state snapshots were built (one per change that someone observed)."""
+        return self._state.snapshots_built
+
+    def on(
+        self,
+        event: str,
+        *,
+        priority: int = 0,
+        every: int | None = None,
+        once: int | bool | None = None,
+        when: Predicate | None = None,
+        on_error: OnError = "raise",
+        id: str | None = None,
+    ) -> Callable[[F], F]:
+        """Decorator: subscribe a function to ``event`` on this trainer's bus.
+
+        ::
+
+            @trainer.on("epoch_end", priority=5, every=2)
+            def report(*, state):
+                print(state.current_epoch, dict(state.metrics))
+        """
+
+        def register(function: F) -> F:
+            subscription = self.bus.subscribe(
+                event,
+                function,
+                priority=priority,
+                every=every,
+                once=once,
+                when=when,
+                on_error=on_error,
+                id=id,
+                source=SOURCE_USER,
+            )
+            return add_mark(function, Mark(event, subscription.options))
+
+        return register
+
+    def emit(self, event: str, /, **payload: Any) -> None:
+        """Emit a custom event (declared with ``trainer.bus.declare``) with its payload names."""
+        spec = self.bus.spec(event)
+        given = set(payload)
+        expected = set(spec.payload)
+        if given != expected:
+            raise ConfigurationError(
+                f"emit({event!r}) got payload {sorted(given)}, but the event declares "
+                f"{sorted(expected)} (state, model and maps are added by the trainer)"
+            )
+        self._emit(event, **payload)
+        self._apply_immediate()
+
+    def plan(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The dispatch plan as JSON-ready rows (see :meth:`EventBus.plan`)."""
+        return [entry.as_dict() for entry in self.bus.plan(event)]
+
+    def train(
+        self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None = None
+    ) -> TrainerState:
+        """Train for ``max_epochs`` (or until a handler asks to stop); returns the final state."""
+        _check_loader("train_loader", train_loader)
+        if val_loader is not None:
+            _check_loader("val_loader", val_loader)
+        with self._call("train"):
+            self._prepare_training()
+            self._emit("train_start", optimizers=self.optimizers)
+            self._save_pending()
+            start_epoch = self._state.get("current_epoch")
+            if self._state.get("iteration") > 0:
+                start_epoch += 1
+            for epoch in range(start_epoch, self.max_epochs):
+                self._state.update(stage="train", current_epoch=epoch, batch_idx=-1)
+                self._emit("epoch_start")
+                completed = self._train_epoch(train_loader)
+                last = epoch + 1 == self.max_epochs or self._stop_requested()
+                if (
+                    val_loader is not None
+                    and completed
+                    and ((epoch + 1) % self.val_every_n_epochs == 0 or last)
+                ):
+                    self._validation(val_loader)
+                self._state.update(stage="train")
+                self._emit("epoch_end")
+                self._save_pending()
+                if self._stop_requested():
+                    break
+            self._emit("train_end")
+            self._save_pending()
+        return self.state
+
+    def validate(self, loader: Iterable[Any]) -> dict[str, float]:
+        """Compute the metrics on ``loader``; returns them as floats."""
+        return self._standalone_evaluation("validate", loader)
+
+    def test(self, loader: Iterable[Any]) -> dict[str, float]:
+        """Compute the metrics on a held-out ``loader``; returns them as floats."""
+        return self._standalone_evaluation("test", loader)
+
+    def predict(self, loader: Iterable[Any]) -> list[Any]:
+        """Run ``model.predict_step`` on every batch; returns the outputs, moved to the CPU."""
+        _check_loader("loader", loader)
+        predictions: list[Any] = []
+        with self._call("predict"):
+            self._prepare_model()
+            self._emit("predict_start")
+            self.model.eval()
+            with torch.no_grad():
+                for index, batch in enumerate(loader):
+                    self._state.update(batch_idx=index)
+                    self._emit("evaluation_step_start", batch=batch)
+                    device_batch = move_to(batch, self.device)
+                    with self.precision.autocast():
+                        outputs = self.model.predict_step(device_batch)
+                    self._emit("evaluation_step_end", batch=device_batch, outputs=outputs)
+                    predictions.append(move_to(outputs, torch.device("cpu")))
+                    if self._apply_immediate():
+                        break
+            self._emit("predict_end", predictions=predictions)
+        return predictions
+
+    # ------------------------------------------------------------------- loop
+    def _train_epoch(self, loader: Iterable[Any]) -> bool:
+        """One training epoch; False when a stop cut it short."""
+        model = self.model
+        model.train()
+        state = self._state
+        accumulate = self.accumulate_grad_batches
+        log_every = self.log_every_n_batches
+        num_batches = _length(loader)
+        state.update(num_batches=num_batches)
+        in_group = 0
+        seen_any = False
+        for batch_idx, (batch, is_last) in enumerate(with_last(loader)):
+            seen_any = True
+            iteration = state.get("iteration") + 1
+            state.update(batch_idx=batch_idx, iteration=iteration)
+            loss: torch.Tensor | None = None
+            losses: Mapping[str, torch.Tensor] | None = None
+            if not self._emit_skippable("batch_start", batch=batch):
+                batch = move_to(batch, self.device)
+                self._emit("forward_start", batch=batch)
+                with self.precision.autocast():
+                    loss, losses = _loss_of(model.forward_step(batch))
+                if not self._emit_skippable(
+                    "backward_start", batch=batch, loss=loss, losses=losses
+                ):
+                    scaled = loss / accumulate
+                    if self.scaler is not None:
+                        scaled = self.scaler.scale(scaled)
+                    model.backward_step(scaled)
+                    in_group += 1
+                    self._emit("backward_end", batch=batch, loss=loss, losses=losses)
+                    if in_group == accumulate or is_last:
+                        self._optimizer_step(in_group)
+                        in_group = 0
+                self._track_loss(loss)
+            state.update(samples_seen=state.get("samples_seen") + batch_size(batch))
+            if iteration % log_every == 0 or is_last:
+                self._log_loss()
+            self._emit("batch_end", batch=batch, loss=_detached(loss), losses=_detached_all(losses))
+            self._save_pending()
+            if self._stop_requested():
+                if in_group:
+                    self._zero_grad()
+                return False
+        if not seen_any:
+            raise DataError(
+                "train_loader yielded no batches; check that the dataset is not empty and that "
+                "batch_size is not larger than the dataset with drop_last=True"
+            )
+        return True
+
+    def _optimizer_step(self, batches_in_group: int) -> None:
+        if batches_in_group != self.accumulate_grad_batches:
+            # A short last group: gradients were divided by the full group size.
+            _scale_gradients(self.optimizers, self.accumulate_grad_batches / batches_in_group)
+        if self.scaler is not None:
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)
+        if self.gradient_clip_val is not None:
+            parameters = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]
+            if self.gradient_clip_algorithm == "norm":
+                torch.nn.utils.clip_grad_norm_(parameters, self.gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_value_(parameters, self.gradient_clip_val)
+        if self._emit_skippable("optimizer_step_start", optimizers=self.optimizers):
+            if self.scaler is not None:
+                self.scaler.update()
+            self._zero_grad()
+            return
+        self.model.optimization_step(self.optimizers, self.scaler)
+        if self.scaler is not None:
+            self.scaler.update()
+        self._zero_grad()
+        self._state.update(
+            global_step=self._state.get("global_step") + 1,
+            **_learning_rates(self.optimizers, read_tensors=False),
+        )
+        self._emit("optimizer_step_end", optimizers=self.optimizers)
+
+    def _zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def _track_loss(self, loss: torch.Tensor) -> None:
+        # Accumulated on the device: reading it is a host-device sync, done at log intervals.
+        value = loss.detach().float()
+        self._loss_total = value if self._loss_total is None else self._loss_total + value
+        self._loss_count += 1
+
+    def _log_loss(self) -> None:
+        if self._loss_total is None or not self._loss_count:
+            return
+        mean = float((self._loss_total / self._loss_count).item())  # host-device sync
+        self._loss_total, self._loss_count = None, 0
+        self._state.update(train_loss=mean, **_learning_rates(self.optimizers, read_tensors=True))
+        self._emit("loss_logged", train_loss=mean)
+
+    def _validation(self, loader: Iterable[Any]) -> None:
+        self._state.update(stage="validation")
+        self._emit("validation_start")
+        metrics = self._evaluation_pass(loader, "val_loader")
+        self._record_metrics(metrics, track_best=True)
+        self._emit("metrics_computed", metrics=metrics)
+        self._emit("validation_end", metrics=metrics)
+
+    def _evaluation_pass(self, loader: Iterable[Any], name: str) -> dict[str, float]:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        for metric in self.metrics.values():
+            metric.reset()
+        seen_any = False
+        with torch.no_grad():
+            for index, batch in enumerate(loader):
+                seen_any = True
+                self._state.update(batch_idx=index)
+                self._emit("evaluation_step_start", batch=batch)
+                device_batch = move_to(batch, self.device)
+                with self.precision.autocast():
+                    outputs = model.evaluation_step(device_batch)
+                size = batch_size(device_batch)
+                for metric in self.metrics.values():
+                    metric.update(outputs, size)
+                self._emit("evaluation_step_end", batch=device_batch, outputs=outputs)
+        if not seen_any:
+            raise DataError(
+                f"{name} yielded no batches; pass a loader over a non-empty dataset (check "
+                "drop_last with a batch_size larger than the dataset)"
+            )
+        model.train(was_training)
+        return {name: metric.compute() for name, metric in self.metrics.items()}
+
+    def _record_metrics(self, metrics: Mapping[str, float], *, track_best: bool) -> None:
+        changes: dict[str, Any] = {"metrics": dict(metrics)}
+        if track_best:
+            best = dict(self._state.get("best_metrics"))
+            epochs = dict(self._state.get("best_epochs"))
+            for name, value in metrics.items():
+                if is_better(value, best.get(name), self.metrics[name].higher_is_better):
+                    best[name] = value
+                    epochs[name] = self._state.get("current_epoch")
+            changes.update(best_metrics=best, best_epochs=epochs)
+        self._state.update(**changes)
+
+    def _standalone_evaluation(
+        self, stage: Literal["validate", "test"], loader: Iterable[Any]
+    ) -> dict[str, float]:
+        _check_loader("loader", loader)
+        with self._call(stage):
+            self._prepare_model()
+            self._emit(f"{stage}_start")
+            metrics = self._evaluation_pass(loader, "loader")
+            self._record_metrics(metrics, track_best=False)
+            self._emit("metrics_computed", metrics=metrics)
+            self._emit(f"{stage}_end", metrics=metrics)
+        return metrics
+
+    # --------------------------------------------------------------- dispatch
+    def _emit(self, event: str, **extra: Any) -> list[Request]:
+        subscribers = self.bus.dispatch_order(event)
+        if not subscribers:
+            return []
+        payload = {"state": self._state.snapshot(), "model": self.model, "maps": self.maps}
+        payload.update(extra)
+        requests = self.bus.dispatch(event, subscribers, payload)
+        if requests:
+            self._accept(requests)
+        return requests
+
+    def _emit_skippable(self, event: str, **extra: Any) -> bool:
+        """Emit ``event``; True when a handler asked to skip the step."""
+        requests = self._emit(event, **extra)
+        return bool(requests) and merge(requests).skip is not None
+
+    def _accept(self, requests: list[Request]) -> None:
+        for request in requests:
+            if isinstance(request.command, Stop) and self._state.get("stopped_by") is None:
+                self._state.update(
+                    stopped_by=request.source,
+                    stop_reason=request.command.reason or f"requested at {request.event}",
+                )
+            if isinstance(request.command, SaveCheckpoint):
+                self._pending.append(request)
+        if self._calls:
+            self._calls[-1]["requests"].extend(
+                {"event": r.event, "source": r.source, "command": repr(r.command)}
+                for r in requests
+                if not isinstance(r.command, SkipStep)
+            )
+
+    def _stop_requested(self) -> bool:
+        return self._state.get("stopped_by") is not None
+
+    def _apply_immediate(self) -> bool:
+        """Carry out pending saves now; True when a stop was requested."""
+        self._save_pending()
+        return self._stop_requested()
+
+    def _save_pending(self) -> None:
+        if not self._pending:
+            return
+        decision = merge(self._pending)
+        self._pending = []
+        for request in decision.saves:
+            command = request.command
+            assert isinstance(command, SaveCheckpoint)
+            snapshot = self._state.snapshot()
+            path = checkpoint.save_weights(
+                self.maps,
+                command.tag,
+                self.model,
+                metadata={
+                    **dict(command.metadata),
+                    "requested_by": request.source,
+                    "event": request.event,
+                    "epoch": snapshot.current_epoch,
+                    "global_step": snapshot.global_step,
+                    "iteration": snapshot.iteration,
+                    "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                },
+            )
+            self._emit("checkpoint", checkpoint=path, tag=command.tag)
+
+    # ------------------------------------------------------------- lifecycle
+    def _call(self, stage: Stage) -> _Call:
+        return _Call(self, stage)
+
+    def _prepare_model(self) -> None:
+        self.model.to(self.device)
+        for metric in self.metrics.values():
+            metric.to(self.device)
+        if self.compile_options is not None and not self._compiled:
+            for name in ("forward_step", "evaluation_step", "predict_step"):
+                setattr(
+                    self.model,
+                    name,
+                    torch.compile(getattr(self.model, name), **self.compile_options),
+                )
+            self._compiled = True
+
+    def _prepare_training(self) -> None:
+        self._prepare_model()
+        if not self.optimizers:
+            built = self.model.build_optimizers()
+            optimizers = [built] if isinstance(built, torch.optim.Optimizer) else list(built)
+            if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
+                raise ModelContractError(
+                    f"{type(self.model).__name__}.build_optimizers returned {built!r}; return a "
+                    "torch.optim.Optimizer or a non-empty list of them"
+                )
+            self.optimizers = optimizers
+            self.scaler = self.precision.grad_scaler()
+            self._state.update(**_learning_rates(self.optimizers, read_tensors=True))
+            self._write_maps_config()
+
+    def _begin(self, stage: Stage) -> None:
+        first = not self.maps.created
+        self.maps.create()
+        if first:
+            self.maps.write_environment()
+        self._calls.append(
+            {
+                "call": stage,
+                "started": _now(),
+                "status": "running",
+                "requests": [],
+            }
+        )
+        self._state.update(stage="train" if stage == "train" else stage, batch_idx=-1)
+        self._write_maps_config()
+
+    def _end(self, error: BaseException | None) -> None:
+        record = self._calls[-1]
+        snapshot = self._state.snapshot()
+        record.update(
+            finished=_now(),
+            status="failed" if error else ("stopped" if snapshot.stopped_by else "completed"),
+            epochs=snapshot.current_epoch + (1 if snapshot.iteration else 0),
+            global_step=snapshot.global_step,
+            iteration=snapshot.iteration,
+            metrics=dict(snapshot.metrics),
+            best_metrics=dict(snapshot.best_metrics),
+            best_epochs=dict(snapshot.best_epochs),
+        )
+        if snapshot.stopped_by:
+            record["stop"] = {"by": snapshot.stopped_by, "reason": snapshot.stop_reason}
+        if error is not None:
+            record["error"] = f"{type(error).__name__}: {error}"
+        record["handler_failures"] = [
+            {"event": f.event, "subscriber": f.subscriber, "error": f.error}
+            for f in self.bus.failures
+        ]
+        self._write_maps_config()
+
+    def _write_maps_config(self) -> None:
+        if not self.maps.created:
+            return
+        self.maps.write_json(self.describe(), MAPS_FILE)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``maps.json`` holds: versions, configuration, dispatch plan and every call."""
+        model = self.model
+        return {
+            "format": "trainbus-maps/1",
+            "versions": {
+                "trainbus": trainbus.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+            "command": sys.argv,
+            "seed": self.seed,
+            "trainer": {
+                "max_epochs": self.max_epochs,
+                "val_every_n_epochs": self.val_every_n_epochs,
+                "log_every_n_batches": self.log_every_n_batches,
+                "accumulate_grad_batches": self.accumulate_grad_batches,
+                "gradient_clip_val": self.gradient_clip_val,
+                "gradient_clip_algorithm": self.gradient_clip_algorithm,
+                "device": str(self.device),
+                "precision": self.precision.name,
+                "compile": self.compile_options,
+                "deterministic": self.deterministic,
+            },
+            "model": {
+                "class": f"{type(model).__module__}.{type(model).__qualname__}",
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "trainable_parameters": sum(
+                    p.numel() for p in model.parameters() if p.requires_grad
+                ),
+                "structure": repr(model),
+            },
+            "optimizers": [
+                {"class": type(o).__qualname__, "defaults": _plain_values(o.defaults)}
+                for o in self.optimizers
+            ],
+            "metrics": {
+                name: {"class": type(m).__name__, "higher_is_better": m.higher_is_better}
+                for name, m in self.metrics.items()
+            },
+            "callbacks": [
+                {
+                    "id": c.callback_id,
+                    "class": f"{type(c).__module__}.{type(c).__qualname__}",
+                    "source": _source_of(c),
+                    "config": c.config(),
+                }
+                for c in self.callbacks
+            ],
+            "plan": self.plan(),
+            "plugins": [],
+            "calls": self._calls,
+        }
+
+    def _check_metric_names(self, callback: Callback) -> None:
+        for name in getattr(callback, "metric_names", lambda: ())():
+            if name not in self.metrics:
+                close = closest_names(name, self.metrics)
+                hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+                raise ConfigurationError(
+                    f"{callback.callback_id} monitors metric {name!r}, which the Trainer does "
+                    f"not compute.{hint} Known metrics: {sorted(self.metrics)}. Add it to "
+                    "Trainer(metrics=...) or monitor one of those."
+                )
+
+
+class _Call:
+    """One public call: creates the MAPS, records the call, emits exception/teardown."""
+
+    def __init__(self, trainer: Trainer, stage: Stage) -> None:
+        self.trainer = trainer
+        self.stage = stage
+        self.deterministic = DeterministicMode(trainer.deterministic)
+
+    def __enter__(self) -> None:
+        self.trainer._begin(self.stage)
+        self.deterministic.__enter__()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, _: object
+    ) -> None:
+        trainer = self.trainer
+        try:
+            if error is not None:
+                _deliver_exception(trainer, error)
+            try:
+                trainer._emit("teardown")
+            except Exception as teardown_error:
+                if error is None:
+                    raise
+                error.add_note(
+                    "trainbus: while tearing down after this error, "
+                    f"{type(teardown_error).__name__}: {teardown_error}"
+                )
+        finally:
+            self.deterministic.__exit__()
+            trainer._state.update(stage="idle")
+            trainer._end(error)
+
+
+def _deliver_exception(trainer: Trainer, error: BaseException) -> None:
+    """Send ``exception`` to every subscriber; their own failures are attached as notes."""
+    subscribers = trainer.bus.dispatch_order("exception")
+    payload = {
+        "state": trainer._state.snapshot(),
+        "model": trainer.model,
+        "maps": trainer.maps,
+        "exception": error,
+    }
+    for subscription in subscribers:
+        try:
+            trainer.bus.dispatch("exception", (subscription,), payload)
+        except Exception as handler_error:
+            error.add_note(
+                f"trainbus: exception handler {subscription.id!r} also raised "
+                f"{type(handler_error).__name__}: {handler_error}"
+            )
+
+
+def _resolve_callbacks(
+    callbacks: Iterable[Callback] | None, defaults: bool | Iterable[type[Callback]]
+) -> list[Callback]:
+    given: list[Any]
+    if callbacks is None:
+        given = []
+    elif isinstance(callbacks, Callback) or not isinstance(callbacks, Iterable):
+        raise ConfigurationTypeError(
+            f"callbacks={callbacks!r} is not a list of callbacks; pass callbacks=[...]"
+        )
+    else:
+        given = list(callbacks)
+    for index, callback in enumerate(given):
+        if not isinstance(callback, Callback):
+            hint = (
+                " (a class was passed: instantiate it, e.g. EarlyStoppingCallback(...))"
+                if isinstance(callback, type)
+                else ""
+            )
+            raise ConfigurationTypeError(
+                f"callbacks[{index}] is {callback!r}, not a trainbus Callback{hint}; subclass "
+                "trainbus.Callback, or subscribe a function with @trainer.on(event)"
+            )
+    if defaults is True:
+        chosen = _default_callbacks()
+    elif defaults is False:
+        chosen = []
+    elif isinstance(defaults, Iterable):
+        wanted = list(defaults)
+        available = {type(c): c for c in _default_callbacks()}
+        unknown = [t for t in wanted if t not in available]
+        if unknown:
+            raise ConfigurationError(
+                f"default_callbacks lists {unknown}, which are not default callbacks; the "
+                f"defaults are {[t.__name__ for t in available]}"
+            )
+        chosen = [available[t] for t in wanted]
+    else:
+        raise ConfigurationTypeError(
+            f"default_callbacks={defaults!r} is not a bool or a list of default callback types"
+        )
+    given_types = {type(c) for c in given}
+    resolved = [c for c in chosen if type(c) not in given_types] + given
+    counts: dict[str, int] = {}
+    ids: set[str] = set()
+    for callback in resolved:
+        base = callback.callback_id
+        counts[base] = counts.get(base, 0) + 1
+        if counts[base] > 1:
+            callback.callback_id = f"{base}#{counts[base]}"
+        if callback.callback_id in ids:
+            raise SubscriptionError(
+                f"two callbacks have the id {callback.callback_id!r}; give each a distinct "
+                "callback_id"
+            )
+        ids.add(callback.callback_id)
+    return resolved
+
+
+def _source_of(callback: Callback) -> str:
+    module = type(callback).__module__
+    return SOURCE_BUILTIN if module.startswith("trainbus.") else SOURCE_USER
+
+
+def _positive_int(name: str, value: object) -> int:
+    if type(value) is not int or value < 1:
+        raise ConfigurationError(f"{name}={value!r} is not a positive integer; pass e.g. {name}=1")
+    return value
+
+
+def _check_loader(name: str, loader: object) -> None:
+    if loader is None or not isinstance(loader, Iterable):
+        raise DataError(
+            f"{name}={loader!r} is not iterable; pass a torch.utils.data.DataLoader (or any "
+            "iterable of batches)"
+        )
+    if _length(loader) == 0:
+        raise DataError(
+            f"{name} has no batches (len 0); check that the dataset is not empty and that "
+            "batch_size is not larger than the dataset with drop_last=True"
+        )
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _loss_of(output: Any) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+    losses: Mapping[str, torch.Tensor]
+    if isinstance(output, torch.Tensor):
+        loss, losses = output, {"loss": output}
+    elif isinstance(output, Mapping) and "loss" in output:
+        loss, losses = output["loss"], output
+    else:
+        raise ModelContractError(
+            f"forward_step returned {_describe(output)}; return the loss as a scalar tensor, "
+            "or a dict of named losses with the one to backpropagate under 'loss'"
+        )
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        raise ModelContractError(
+            f"forward_step returned a loss that is {_describe(loss)}; the loss must be a scalar "
+            "tensor: reduce it, e.g. loss.mean()"
+        )
+    if not loss.requires_grad:
+        raise ModelContractError(
+            "forward_step returned a loss that does not require grad; compute it from the "
+            "model's parameters, outside torch.no_grad()"
+        )
+    return loss, losses
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"a dict with keys {sorted(map(str, value))}"
+    return f"{type(value).__name__} {value!r}"[:100]
+
+
+def _detached(loss: torch.Tensor | None) -> torch.Tensor | None:
+    return None if loss is None else loss.detach()
+
+
+def _detached_all(
+    losses: Mapping[str, torch.Tensor] | None,
+) -> Mapping[str, torch.Tensor] | None:
+    if losses is None:
+        return None
+    return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in losses.items()}
+
+
+def _scale_gradients(optimizers: Sequence[torch.optim.Optimizer], factor: float) -> None:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    parameter.grad.mul_(factor)
+
+
+def _learning_rates(
+    optimizers: Sequence[torch.optim.Optimizer], *, read_tensors: bool
+) -> dict[str, tuple[float, ...]]:
+    rates = [group["lr"] for optimizer in optimizers for group in optimizer.param_groups]
+    if any(isinstance(rate, torch.Tensor) for rate in rates) and not read_tensors:
+        return {}  # a tensor learning rate is read at log intervals only (host-device sync)
+    return {"learning_rates": tuple(float(rate) for rate in rates)}
+
+
+def _plain_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    plain: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, str | int | float | bool | None):
+            plain[key] = value
+        elif isinstance(value, tuple | list) and all(isinstance(v, int | float) for v in value):
+            plain[key] = list(value)
+        else:
+            plain[key] = repr(value)
+    return plain
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,69 @@
+"""Every exception and warning trainbus raises.
+
+One hierarchy, rooted at :class:`TrainbusError`, so ``except TrainbusError`` catches everything
+the engine raises on purpose. Classes that signal bad input also derive from the matching
+built-in (``ValueError``, ``TypeError``, ``FileExistsError``) so generic handlers keep working.
+A message says what failed (with the offending value), what was expected, and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class TrainbusError(Exception):
+    """Base class of every error raised by trainbus."""
+
+
+class ConfigurationError(TrainbusError, ValueError):
+    """An argument has a wrong value: the message names it and says what is accepted."""
+
+
+class ConfigurationTypeError(TrainbusError, TypeError):
+    """An argument has a wrong type: the message names it and says what is accepted."""
+
+
+class UnknownEventError(ConfigurationError):
+    """An event name is not in the catalogue (the message suggests the closest names)."""
+
+
+class SubscriptionError(ConfigurationError):
+    """A handler cannot be subscribed: bad signature, bad filter or a duplicate id."""
+
+
+class CommandError(TrainbusError):
+    """A handler returned something the loop cannot carry out at that event."""
+
+
+class ModelContractError(TrainbusError, TypeError):
+    """A :class:`~trainbus.Model` method returned something outside its contract."""
+
+
+class DataError(TrainbusError, ValueError):
+    """A data loader cannot be used: empty, or yielding something the loop cannot move."""
+
+
+class MapsError(TrainbusError):
+    """The experiment directory (MAPS) cannot be created, read or written."""
+
+
+class MapsExistsError(MapsError, FileExistsError):
+    """The experiment directory already exists and overwriting was not asked for."""
+
+
+class UnsafePathError(MapsError, ValueError):
+    """A name written into the MAPS would escape it (``..``, absolute path, separator)."""
+
+
+class CheckpointError(TrainbusError):
+    """A checkpoint cannot be written or read."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file does not match its manifest (size, hash, missing or unreadable)."""
+
+
+class TrainbusWarning(UserWarning):
+    """Base class of every warning emitted by trainbus."""
+
+
+class HandlerFailureWarning(TrainbusWarning):
+    """A handler subscribed with ``on_error="log"`` raised; training went on."""

@@ -1,0 +1,526 @@
+"""The event bus: blinker keeps the subscriptions, the bus decides the order and calls handlers.
+
+blinker is the registry of record: each bus has its own :class:`blinker.Namespace` (never the
+global default one), every subscription is a strongly referenced receiver of its event's
+signal, and blinker's ``receiver_connected``/``receiver_disconnected`` notifications tell the
+bus when to rebuild its dispatch order. blinker's receiver order is undefined, so the bus keeps
+per event a tuple of subscriptions sorted by priority (higher first; ties in registration
+order) and calls them directly: no sorting and no ``send`` on the hot path, and an event nobody
+subscribed to costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import blinker
+
+from trainbus.errors import (
+    CommandError,
+    ConfigurationTypeError,
+    HandlerFailureWarning,
+    SubscriptionError,
+)
+from trainbus.events.catalog import EVENTS, EventSpec, unknown_event, validate_spec
+from trainbus.events.commands import Command, Request, SkipStep
+from trainbus.events.marker import OnError, Options, Predicate, check_priority
+
+if TYPE_CHECKING:
+    from trainbus.events.callback import Callback
+
+Payload = Mapping[str, Any]
+
+SOURCE_BUILTIN = "builtin"
+SOURCE_USER = "user"
+
+
+@dataclass(eq=False, slots=True)
+class Subscription:
+    """One handler subscribed to one event, with everything the dispatcher needs precomputed.
+
+    ``wants`` is the tuple of payload names the handler takes (``None``: it takes ``**kwargs``
+    and receives the whole payload). ``calls`` counts every call; ``seconds`` and ``timed_calls``
+    accumulate only while the bus measures time.
+    """
+
+    id: str
+    event: str
+    handler: Callable[..., Any]
+    priority: int
+    options: Options
+    source: str
+    owner: str | None
+    wants: tuple[str, ...] | None
+    sequence: int
+    rank_zero_only: bool
+    on_error: OnError
+    filtered: bool
+    calls: int = 0
+    timed_calls: int = 0
+    seconds: float = 0.0
+    fired_once: bool = False
+
+    def invoke(self, payload: Payload) -> Any:
+        """Call the handler with the payload names it asked for."""
+        if self.wants is None:
+            return self.handler(**payload)
+        return self.handler(**{name: payload[name] for name in self.wants})
+
+    def __call__(self, sender: object, **payload: Any) -> Any:
+        """blinker receiver protocol, for ``bus.signal(name).send(...)`` in tests and tools."""
+        return self.invoke(payload)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanEntry:
+    """One row of a dispatch plan: who runs, in which position, with what filter and origin."""
+
+    event: str
+    position: int
+    id: str
+    priority: int
+    filter: str
+    source: str
+    owner: str | None
+    on_error: str
+    rank_zero_only: bool
+    active: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """The entry as plain JSON-ready values."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerFailure:
+    """A failure of an ``on_error="log"`` subscription, reported at the end of the run."""
+
+    event: str
+    subscriber: str
+    error: str
+    traceback: str
+    counter: int | None = None
+
+
+@dataclass(slots=True)
+class _Accounting:
+    sample_every: int = 0
+    dispatches: dict[str, int] = field(default_factory=dict)
+
+
+class EventBus:
+    """Priority-ordered publish/subscribe dispatcher on a private blinker namespace.
+
+    ``rank`` marks this process's place in a distributed run: subscriptions registered with
+    ``rank_zero_only=True`` stay in the plan but are not called on other ranks.
+    """
+
+    def __init__(self, *, rank: int = 0) -> None:
+        self.rank = rank
+        self._namespace = blinker.Namespace()
+        self._specs: dict[str, EventSpec] = dict(EVENTS)
+        self._order: dict[str, tuple[Subscription, ...]] = {}
+        self._sequence = 0
+        self._occurrences: dict[str, int] = {}
+        self._fired_once: set[str] = set()
+        self._accounting = _Accounting()
+        self.failures: list[HandlerFailure] = []
+
+    # ----------------------------------------------------------------- events
+    @property
+    def events(self) -> Mapping[str, EventSpec]:
+        """Every event this bus knows: the catalogue plus declared custom events."""
+        return dict(self._specs)
+
+    def declare(self, spec: EventSpec) -> EventSpec:
+        """Declare a custom event; re-declaring the same spec is a no-op, a different one fails."""
+        if not isinstance(spec, EventSpec):
+            raise ConfigurationTypeError(
+                f"declare() takes an EventSpec, got {spec!r}; "
+                "write bus.declare(EventSpec('my_event', payload=('value',)))"
+            )
+        validate_spec(spec)
+        existing = self._specs.get(spec.name)
+        if existing is not None and existing != spec:
+            raise SubscriptionError(
+                f"event {spec.name!r} is already declared as {existing!r}; "
+                "pick another name for the custom event"
+            )
+        self._specs[spec.name] = spec
+        return spec
+
+    def spec(self, event: str) -> EventSpec:
+        """The spec of ``event``; unknown names raise with a did-you-mean hint."""
+        try:
+            return self._specs[event]
+        except (KeyError, TypeError):
+            raise unknown_event(event, self._specs) from None
+
+    def signal(self, event: str) -> blinker.NamedSignal:
+        """The blinker signal behind ``event`` (for blinker tooling; dispatch does not use it)."""
+        self.spec(event)
+        signal = self._namespace.get(event)
+        if signal is None:
+            signal = self._namespace.signal(event)
+            signal.receiver_connected.connect(self._on_connected, weak=False)
+            signal.receiver_disconnected.connect(self._on_disconnected, weak=False)
+        return signal
+
+    # ---------------------------------------------------------- subscriptions
+    def subscribe(
+        self,
+        event: str,
+        handler: Callable[..., Any],
+        *,
+        priority: int = 0,
+        every: int | None = None,
+        once: int | bool | None = None,
+        when: Predicate | None = None,
+        on_error: OnError = "raise",
+        id: str | None = None,
+        source: str = SOURCE_USER,
+        owner: str | None = None,
+        rank_zero_only: bool = False,
+    ) -> Subscription:
+        """Subscribe ``handler`` to ``event``; every check happens here, not at dispatch."""
+        check_priority(priority)
+        options = Options(priority, every, once, when, on_error, id)
+        return self._subscribe(event, handler, options, source, owner, rank_zero_only)
+
+    def _subscribe(
+        self,
+        event: str,
+        handler: Callable[..., Any],
+        options: Options,
+        source: str,
+        owner: str | None,
+        rank_zero_only: bool,
+    ) -> Subscription:
+        spec = self.spec(event)
+        if not callable(handler):
+            raise ConfigurationTypeError(
+                f"handler {handler!r} for event {event!r} is not callable; "
+                "subscribe a function or a bound method"
+            )
+        wants = _wanted_payload(handler, spec)
+        base_id = options.id or _derived_id(handler, owner)
+        taken = {sub.id for sub in self._subscriptions(event)}
+        if options.id is not None and options.id in taken:
+            raise SubscriptionError(
+                f"subscriber id {options.id!r} is already subscribed to {event!r}; "
+                "give each subscription of an event a distinct id"
+            )
+        subscription_id = base_id
+        copy = 1
+        while subscription_id in taken:
+            copy += 1
+            subscription_id = f"{base_id}#{copy}"
+        self._sequence += 1
+        subscription = Subscription(
+            id=subscription_id,
+            event=event,
+            handler=handler,
+            priority=options.priority if options.priority is not None else 0,
+            options=options,
+            source=source,
+            owner=owner,
+            wants=wants,
+            sequence=self._sequence,
+            rank_zero_only=rank_zero_only,
+            on_error=options.on_error or "raise",
+            filtered=options.every is not None
+            or options.once is not None
+            or options.when is not None,
+            fired_once=subscription_id in self._fired_once,
+        )
+        self.signal(event).connect(subscription, weak=False)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Remove one subscription; the dispatch order is rebuilt."""
+        self.signal(subscription.event).disconnect(subscription)
+
+    def attach(self, callback: Callback, *, source: str = SOURCE_USER) -> list[Subscription]:
+        """Subscribe every handler of ``callback`` (its ``on_<event>`` and ``@on`` methods)."""
+        for spec in callback.events:
+            self.declare(spec)
+        made: list[Subscription] = []
+        try:
+            for event, handler, options in callback.handlers(self._specs):
+                made.append(
+                    self._subscribe(
+                        event,
+                        handler,
+                        options,
+                        source,
+                        callback.callback_id,
+                        callback.rank_zero_only,
+                    )
+                )
+        except BaseException:
+            for subscription in made:
+                self.unsubscribe(subscription)
+            raise
+        return made
+
+    def detach(self, callback_id: str) -> None:
+        """Remove every subscription owned by the callback with this id."""
+        for event in list(self._namespace):
+            for subscription in self._subscriptions(event):
+                if subscription.owner == callback_id:
+                    self.unsubscribe(subscription)
+
+    def _subscriptions(self, event: str) -> list[Subscription]:
+        signal = self._namespace.get(event)
+        if signal is None:
+            return []
+        return [r for r in signal.receivers.values() if isinstance(r, Subscription)]
+
+    def _on_connected(self, signal: blinker.NamedSignal, **info: Any) -> None:
+        receiver = info["receiver"]
+        if not isinstance(receiver, Subscription):
+            signal.disconnect(receiver)
+            raise SubscriptionError(
+                f"{receiver!r} was connected to {signal.name!r} through blinker directly; "
+                "subscribe through bus.subscribe() or a Callback so it gets a priority and an id"
+            )
+        self._rebuild(signal.name)
+
+    def _on_disconnected(self, signal: blinker.NamedSignal, **_: Any) -> None:
+        self._rebuild(signal.name)
+
+    def _rebuild(self, event: str) -> None:
+        ordered = sorted(self._subscriptions(event), key=_order_key)
+        active = tuple(s for s in ordered if self.rank == 0 or not s.rank_zero_only)
+        if active:
+            self._order[event] = active
+        else:
+            self._order.pop(event, None)
+
+    # --------------------------------------------------------------- dispatch
+    def dispatch_order(self, event: str) -> tuple[Subscription, ...]:
+        """The subscriptions ``event`` calls, in order (empty when nobody listens). One lookup."""
+        return self._order.get(event, ())
+
+    def has_subscribers(self, event: str) -> bool:
+        """Whether dispatching ``event`` would call anything."""
+        return event in self._order
+
+    def emit(self, event: str, /, **payload: Any) -> list[Request]:
+        """Dispatch ``event`` with ``payload``; returns the commands handlers asked for."""
+        subscribers = self._order.get(event)
+        if subscribers is None:
+            self.spec(event)
+            return []
+        return self.dispatch(event, subscribers, payload)
+
+    def dispatch(
+        self, event: str, subscribers: tuple[Subscription, ...], payload: Payload
+    ) -> list[Request]:
+        """Call ``subscribers`` of ``event`` in order; collect the commands they return.
+
+        A handler that raises stops the dispatch (its exception gets a note naming the event
+        and the handler) unless it was subscribed with ``on_error="log"``.
+        """
+        accounting = self._accounting
+        if accounting.sample_every:
+            count = accounting.dispatches.get(event, 0) + 1
+            accounting.dispatches[event] = count
+            timed = count % accounting.sample_every == 0
+        else:
+            timed = False
+        counter = 0
+        spec = self._specs[event]
+        if any(s.filtered for s in subscribers):
+            counter = self._counter(spec, payload)
+        requests: list[Request] = []
+        for subscription in subscribers:
+            if subscription.filtered and not self._passes(subscription, counter, payload):
+                continue
+            subscription.calls += 1
+            try:
+                if timed:
+                    started = time.perf_counter()
+                    result = subscription.invoke(payload)
+                    subscription.seconds += time.perf_counter() - started
+                    subscription.timed_calls += 1
+                else:
+                    result = subscription.invoke(payload)
+            except Exception as exc:
+                if subscription.on_error == "log":
+                    self._record_failure(subscription, exc, counter)
+                    continue
+                exc.add_note(
+                    f"trainbus: raised by handler {subscription.id!r} "
+                    f"while handling event {event!r}"
+                )
+                raise
+            if result is not None:
+                requests.extend(_requests(result, subscription, spec))
+        return requests
+
+    def _counter(self, spec: EventSpec, payload: Payload) -> int:
+        if spec.counter is not None:
+            return int(getattr(payload["state"], spec.counter))
+        count = self._occurrences.get(spec.name, 0) + 1
+        self._occurrences[spec.name] = count
+        return count
+
+    def _passes(self, subscription: Subscription, counter: int, payload: Payload) -> bool:
+        options = subscription.options
+        if options.every is not None and counter % options.every:
+            return False
+        if options.once is not None:
+            if subscription.fired_once:
+                return False
+            if options.once is not True and counter != options.once:
+                return False
+        if options.when is not None and not options.when(payload["state"]):
+            return False
+        if options.once is not None:
+            subscription.fired_once = True
+            self._fired_once.add(subscription.id)
+        return True
+
+    def _record_failure(self, subscription: Subscription, exc: Exception, counter: int) -> None:
+        failure = HandlerFailure(
+            event=subscription.event,
+            subscriber=subscription.id,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(exc)),
+            counter=counter or None,
+        )
+        self.failures.append(failure)
+        warnings.warn(
+            f"handler {subscription.id!r} raised {failure.error} while handling "
+            f"{subscription.event!r}; training goes on because it was subscribed with "
+            "on_error='log'",
+            HandlerFailureWarning,
+            stacklevel=2,
+        )
+
+    # ------------------------------------------------------------- accounting
+    def measure_time(self, sample_every: int) -> None:
+        """Time one dispatch in ``sample_every`` per event (0 turns timing off)."""
+        if type(sample_every) is not int or sample_every < 0:
+            raise ConfigurationTypeError(
+                f"sample_every={sample_every!r} is not a non-negative int; 0 turns timing off"
+            )
+        self._accounting.sample_every = sample_every
+
+    def subscriptions(self, event: str | None = None) -> list[Subscription]:
+        """Every subscription, or those of one event, in dispatch order (inactive ones too)."""
+        events = [event] if event is not None else list(self._specs)
+        if event is not None:
+            self.spec(event)
+        found: list[Subscription] = []
+        for name in events:
+            found.extend(sorted(self._subscriptions(name), key=_order_key))
+        return found
+
+    # ------------------------------------------------------------------- plan
+    def plan(self, event: str | None = None) -> list[PlanEntry]:
+        """The dispatch plan as data: per event, who runs in which order with which filter."""
+        entries: list[PlanEntry] = []
+        current = None
+        position = 0
+        for subscription in self.subscriptions(event):
+            if subscription.event != current:
+                current, position = subscription.event, 0
+            position += 1
+            entries.append(
+                PlanEntry(
+                    event=subscription.event,
+                    position=position,
+                    id=subscription.id,
+                    priority=subscription.priority,
+                    filter=subscription.options.describe_filter(),
+                    source=subscription.source,
+                    owner=subscription.owner,
+                    on_error=subscription.on_error,
+                    rank_zero_only=subscription.rank_zero_only,
+                    active=self.rank == 0 or not subscription.rank_zero_only,
+                )
+            )
+        return entries
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Filter bookkeeping that must survive a resume (occurrence counts, ``once`` flags)."""
+        return {
+            "occurrences": dict(self._occurrences),
+            "fired_once": sorted(self._fired_once),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self._occurrences = {str(k): int(v) for k, v in state.get("occurrences", {}).items()}
+        self._fired_once = set(state.get("fired_once", ()))
+        for subscription in self.subscriptions():
+            subscription.fired_once = subscription.id in self._fired_once
+
+
+def _order_key(subscription: Subscription) -> tuple[int, int]:
+    return (-subscription.priority, subscription.sequence)
+
+
+def _derived_id(handler: Callable[..., Any], owner: str | None) -> str:
+    name = getattr(handler, "__name__", None) or type(handler).__name__
+    if owner is not None:
+        return f"{owner}.{name}"
+    module = getattr(handler, "__module__", None)
+    qualname = getattr(handler, "__qualname__", name)
+    return f"{module}.{qualname}" if module else qualname
+
+
+def _wanted_payload(handler: Callable[..., Any], spec: EventSpec) -> tuple[str, ...] | None:
+    """Check the handler's parameters against the event's payload, once, at registration."""
+    where = f"handler {getattr(handler, '__qualname__', handler)!r} of event {spec.name!r}"
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError) as exc:
+        raise SubscriptionError(f"cannot read the signature of {where}: {exc}") from exc
+    provided = spec.payload_names
+    wants: list[str] = []
+    takes_all = False
+    for parameter in signature.parameters.values():
+        if parameter.kind is parameter.VAR_KEYWORD:
+            takes_all = True
+        elif parameter.kind in (parameter.POSITIONAL_ONLY, parameter.VAR_POSITIONAL):
+            raise SubscriptionError(
+                f"{where} takes positional parameter {parameter.name!r}; handlers receive the "
+                f"payload by keyword: write def handler(*, {', '.join(sorted(provided))})"
+            )
+        elif parameter.name in provided:
+            wants.append(parameter.name)
+        elif parameter.default is parameter.empty:
+            raise SubscriptionError(
+                f"{where} asks for {parameter.name!r}, which {spec.name!r} does not provide. "
+                f"It provides: {', '.join(sorted(provided))}. Remove the parameter or give "
+                "it a default."
+            )
+    return None if takes_all else tuple(wants)
+
+
+def _requests(result: object, subscription: Subscription, spec: EventSpec) -> Iterable[Request]:
+    commands = result if isinstance(result, list | tuple) else (result,)
+    for command in commands:
+        if not isinstance(command, Command):
+            raise CommandError(
+                f"handler {subscription.id!r} of event {spec.name!r} returned {command!r}; "
+                "a handler returns None, a command (Stop, SkipStep, SaveCheckpoint) or a list "
+                "of commands"
+            )
+        if isinstance(command, SkipStep) and not spec.skippable:
+            skippable = ", ".join(n for n, s in EVENTS.items() if s.skippable)
+            raise CommandError(
+                f"handler {subscription.id!r} returned SkipStep at {spec.name!r}, where there "
+                f"is no step to skip; SkipStep is accepted at: {skippable}"
+            )
+        yield Request(command, subscription.id, spec.name)

@@ -1,0 +1,101 @@
+"""What a handler may ask of the loop, and how requests from several handlers are merged.
+
+Handlers never mutate the loop: they return a command (or a list of commands, or ``None``).
+The bus collects every request of one event with the id of the subscriber that made it, and
+:func:`merge` decides, by this policy:
+
+- **stop wins**: if any handler returns :class:`Stop`, training stops at the next boundary; the
+  first request in dispatch order is the one recorded as the reason (``state.stopped_by``,
+  ``state.stop_reason`` and ``maps.json``), and every other request is kept with its source.
+- **skip is a veto**: one :class:`SkipStep` skips the step; all reasons are kept.
+- **saves accumulate**: every :class:`SaveCheckpoint` is carried out, once per distinct tag.
+
+Requests are never dropped silently: :attr:`Decision.requests` holds all of them, in order.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from trainbus.errors import ConfigurationError
+
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,127}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Base class of the requests a handler may return."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stop(Command):
+    """Stop training at the next boundary (end of the batch, or of the epoch)."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SkipStep(Command):
+    """Skip the rest of the current step (see the events marked skippable in the catalogue)."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SaveCheckpoint(Command):
+    """Write the model weights under ``checkpoints/<tag>/`` at the next boundary.
+
+    ``tag`` names the directory (letters, digits, ``._=-``; no separators), ``metadata`` adds
+    plain values to its manifest. The ``checkpoint`` event announces the committed directory.
+    """
+
+    tag: str
+    metadata: tuple[tuple[str, str | int | float | bool | None], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tag, str) or not _TAG.match(self.tag) or ".." in self.tag:
+            raise ConfigurationError(
+                f"checkpoint tag {self.tag!r} is not a safe directory name; use letters, digits "
+                "and '._=-' (at most 128 characters, no '..' and no path separators), "
+                "e.g. 'best-loss' or 'epoch-10'"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One command with the id of the subscriber that returned it and the event it answered."""
+
+    command: Command
+    source: str
+    event: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The merged outcome of the requests of one or more events (see the module policy)."""
+
+    requests: tuple[Request, ...] = ()
+    stop: Request | None = None
+    skip: Request | None = None
+    saves: tuple[Request, ...] = field(default=())
+
+    def __bool__(self) -> bool:
+        return bool(self.requests)
+
+
+def merge(requests: Sequence[Request]) -> Decision:
+    """Merge requests in dispatch order by the module's policy."""
+    stop: Request | None = None
+    skip: Request | None = None
+    saves: dict[str, Request] = {}
+    for request in requests:
+        command = request.command
+        if isinstance(command, Stop):
+            stop = stop or request
+        elif isinstance(command, SkipStep):
+            skip = skip or request
+        elif isinstance(command, SaveCheckpoint):
+            saves.setdefault(command.tag, request)
+    return Decision(tuple(requests), stop, skip, tuple(saves.values()))
