@@ -40,8 +40,8 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "EVENTS",
     "Callback",
+    "EVENTS",
     "EarlyStoppingCallback",
     "EventBus",
     "EventSpec",

@@ -24,7 +24,7 @@ times, ``repeat`` blocks run any number of times, ``optionally`` blocks at most 
                         backward_end
                         optionally, every accumulate_grad_batches batches and at the last:
                             optimizer_step_start   SkipStep here skips the optimizer step
-                            optimizer_step_end
+                            optimizer_step_end?    unless the step was skipped
                 loss_logged?                   every log_every_n_batches batches and at the last
                 batch_end
                 checkpoint*                    one per SaveCheckpoint asked during the batch

@@ -1,0 +1,58 @@
+"""Every script in examples/ runs as a user would run it, in a fresh directory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+def test_every_example_is_covered_here() -> None:
+    scripts = {path.name for path in EXAMPLES.glob("*.py")}
+    assert scripts == {"seed_chapter.py"}
+
+
+def test_seed_chapter_runs_as_printed(tmp_path: Path) -> None:
+    result = run_example("seed_chapter.py", tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    epochs = [line for line in lines if line.startswith("Starting epoch ")]
+    assert epochs[:3] == ["Starting epoch 0", "Starting epoch 1", "Starting epoch 2"]
+    assert "stopped by: EarlyStoppingCallback" in result.stdout
+    maps = tmp_path / "maps_directory"
+    saved = {path.name for path in (maps / "checkpoints").iterdir()}
+    assert {"best-loss", "epoch-1", "last"} <= saved
+    assert all(name in {"best-loss", "last"} or name.startswith("epoch-") for name in saved)
+    expected_epochs = {f"epoch-{n}" for n in range(1, len(epochs), 10)}
+    assert {name for name in saved if name.startswith("epoch-")} == expected_epochs
+    assert (maps / "metrics.tsv").read_text().count("\n") == len(epochs) + 1
+
+
+def test_seed_chapter_refuses_to_overwrite_its_maps(tmp_path: Path) -> None:
+    (tmp_path / "maps_directory").mkdir()
+    (tmp_path / "maps_directory" / "notes.txt").write_text("precious")
+    result = run_example("seed_chapter.py", tmp_path)
+    assert result.returncode != 0
+    assert "already exists" in result.stderr
+    assert (tmp_path / "maps_directory" / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_examples_are_documented(script: str) -> None:
+    text = (EXAMPLES / script).read_text()
+    assert text.startswith('"""'), f"{script} starts with a docstring saying what it shows"
