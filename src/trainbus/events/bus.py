@@ -64,7 +64,13 @@ class Subscription:
     calls: int = 0
     timed_calls: int = 0
     seconds: float = 0.0
+    seen: int = 0
     fired_once: bool = False
+
+    @property
+    def memory_key(self) -> str:
+        """Key of this subscription's filter bookkeeping in :meth:`EventBus.state_dict`."""
+        return f"{self.event}:{self.id}"
 
     def invoke(self, payload: Payload) -> Any:
         """Call the handler with the payload names it asked for."""
@@ -127,8 +133,7 @@ class EventBus:
         self._specs: dict[str, EventSpec] = dict(EVENTS)
         self._order: dict[str, tuple[Subscription, ...]] = {}
         self._sequence = 0
-        self._occurrences: dict[str, int] = {}
-        self._fired_once: set[str] = set()
+        self._filter_memory: dict[str, dict[str, Any]] = {}
         self._accounting = _Accounting()
         self.failures: list[HandlerFailure] = []
 
@@ -237,8 +242,8 @@ class EventBus:
             filtered=options.every is not None
             or options.once is not None
             or options.when is not None,
-            fired_once=subscription_id in self._fired_once,
         )
+        self._recall(subscription)
         self.signal(event).connect(subscription, weak=False)
         return subscription
 
@@ -335,14 +340,18 @@ class EventBus:
             timed = count % accounting.sample_every == 0
         else:
             timed = False
-        counter = 0
         spec = self._specs[event]
-        if any(s.filtered for s in subscribers):
-            counter = self._counter(spec, payload)
+        counter = 0
+        if spec.counter is not None and any(s.filtered for s in subscribers):
+            counter = int(getattr(payload["state"], spec.counter))
         requests: list[Request] = []
         for subscription in subscribers:
-            if subscription.filtered and not self._passes(subscription, counter, payload):
-                continue
+            if subscription.filtered:
+                if spec.counter is None:
+                    subscription.seen += 1
+                    counter = subscription.seen
+                if not self._passes(subscription, counter, payload):
+                    continue
             subscription.calls += 1
             try:
                 if timed:
@@ -352,6 +361,8 @@ class EventBus:
                     subscription.timed_calls += 1
                 else:
                     result = subscription.invoke(payload)
+                if result is not None:
+                    requests.extend(_requests(result, subscription, spec, self._specs))
             except Exception as exc:
                 if subscription.on_error == "log":
                     self._record_failure(subscription, exc, counter)
@@ -361,16 +372,7 @@ class EventBus:
                     f"while handling event {event!r}"
                 )
                 raise
-            if result is not None:
-                requests.extend(_requests(result, subscription, spec))
         return requests
-
-    def _counter(self, spec: EventSpec, payload: Payload) -> int:
-        if spec.counter is not None:
-            return int(getattr(payload["state"], spec.counter))
-        count = self._occurrences.get(spec.name, 0) + 1
-        self._occurrences[spec.name] = count
-        return count
 
     def _passes(self, subscription: Subscription, counter: int, payload: Payload) -> bool:
         options = subscription.options
@@ -385,7 +387,6 @@ class EventBus:
             return False
         if options.once is not None:
             subscription.fired_once = True
-            self._fired_once.add(subscription.id)
         return True
 
     def _record_failure(self, subscription: Subscription, exc: Exception, counter: int) -> None:
@@ -394,7 +395,7 @@ class EventBus:
             subscriber=subscription.id,
             error=f"{type(exc).__name__}: {exc}",
             traceback="".join(traceback.format_exception(exc)),
-            counter=counter or None,
+            counter=counter if subscription.filtered else None,
         )
         self.failures.append(failure)
         warnings.warn(
@@ -452,18 +453,35 @@ class EventBus:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Filter bookkeeping that must survive a resume (occurrence counts, ``once`` flags)."""
-        return {
-            "occurrences": dict(self._occurrences),
-            "fired_once": sorted(self._fired_once),
-        }
+        """Filter bookkeeping that must survive a resume, per ``event:subscriber id``.
+
+        Holds, for each filtered subscription, the occurrences it witnessed (events without a
+        state counter) and whether its ``once`` filter already fired.
+        """
+        memory = dict(self._filter_memory)
+        for subscription in self.subscriptions():
+            if subscription.filtered:
+                memory[subscription.memory_key] = {
+                    "seen": subscription.seen,
+                    "fired_once": subscription.fired_once,
+                }
+        return {"filters": memory}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self._occurrences = {str(k): int(v) for k, v in state.get("occurrences", {}).items()}
-        self._fired_once = set(state.get("fired_once", ()))
+        """Restore what :meth:`state_dict` returned (also for subscriptions made later)."""
+        filters = state.get("filters", {})
+        self._filter_memory = {
+            str(key): {"seen": int(value["seen"]), "fired_once": bool(value["fired_once"])}
+            for key, value in filters.items()
+        }
         for subscription in self.subscriptions():
-            subscription.fired_once = subscription.id in self._fired_once
+            self._recall(subscription)
+
+    def _recall(self, subscription: Subscription) -> None:
+        memory = self._filter_memory.get(subscription.memory_key)
+        if memory is not None:
+            subscription.seen = memory["seen"]
+            subscription.fired_once = memory["fired_once"]
 
 
 def _order_key(subscription: Subscription) -> tuple[int, int]:
@@ -508,7 +526,9 @@ def _wanted_payload(handler: Callable[..., Any], spec: EventSpec) -> tuple[str, 
     return None if takes_all else tuple(wants)
 
 
-def _requests(result: object, subscription: Subscription, spec: EventSpec) -> Iterable[Request]:
+def _requests(
+    result: object, subscription: Subscription, spec: EventSpec, specs: Mapping[str, EventSpec]
+) -> Iterable[Request]:
     commands = result if isinstance(result, list | tuple) else (result,)
     for command in commands:
         if not isinstance(command, Command):
@@ -518,7 +538,7 @@ def _requests(result: object, subscription: Subscription, spec: EventSpec) -> It
                 "of commands"
             )
         if isinstance(command, SkipStep) and not spec.skippable:
-            skippable = ", ".join(n for n, s in EVENTS.items() if s.skippable)
+            skippable = ", ".join(n for n, s in specs.items() if s.skippable)
             raise CommandError(
                 f"handler {subscription.id!r} returned SkipStep at {spec.name!r}, where there "
                 f"is no step to skip; SkipStep is accepted at: {skippable}"

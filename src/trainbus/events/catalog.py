@@ -245,6 +245,11 @@ def validate_spec(spec: EventSpec) -> None:
             f"event name {spec.name!r} is not a lower_snake_case identifier; "
             "use names like 'sample_logged'"
         )
+    if not isinstance(spec.payload, tuple):
+        raise ConfigurationError(
+            f"payload of event {spec.name!r} is {spec.payload!r}; pass a tuple of names, "
+            "e.g. payload=('value',)"
+        )
     for item in spec.payload:
         if not isinstance(item, str) or not item.isidentifier():
             raise ConfigurationError(

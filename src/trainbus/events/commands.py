@@ -55,7 +55,7 @@ class SaveCheckpoint(Command):
     metadata: tuple[tuple[str, str | int | float | bool | None], ...] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tag, str) or not _TAG.match(self.tag) or ".." in self.tag:
+        if not isinstance(self.tag, str) or not _TAG.fullmatch(self.tag) or ".." in self.tag:
             raise ConfigurationError(
                 f"checkpoint tag {self.tag!r} is not a safe directory name; use letters, digits "
                 "and '._=-' (at most 128 characters, no '..' and no path separators), "

@@ -1,0 +1,62 @@
+"""Micro-benchmark of the bus: cost of dispatching one event to 0, 1, 10 and 100 subscribers.
+
+Run: ``.venv/bin/python benchmarks/dispatch.py`` (``--quick`` for a short smoke run). Reports the
+best of several repeats (the least disturbed by other load) per dispatch and per subscriber call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import timeit
+from dataclasses import dataclass
+
+from trainbus.events import EventBus
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    iteration: int = 1
+
+
+def _noop(*, state: _State) -> None:
+    return None
+
+
+def measure(subscribers: int, number: int, repeat: int) -> float:
+    """Seconds per dispatch of ``batch_end`` with ``subscribers`` no-op handlers."""
+    bus = EventBus()
+    for index in range(subscribers):
+        bus.subscribe("batch_end", _noop, id=f"noop-{index}")
+    payload = {
+        "state": _State(),
+        "model": None,
+        "maps": None,
+        "batch": None,
+        "loss": None,
+        "losses": None,
+    }
+
+    def dispatch_once() -> None:
+        order = bus.dispatch_order("batch_end")
+        if order:
+            bus.dispatch("batch_end", order, payload)
+
+    return min(timeit.repeat(dispatch_once, number=number, repeat=repeat)) / number
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="few iterations (CI smoke run)")
+    arguments = parser.parse_args()
+    number, repeat = (200, 2) if arguments.quick else (20_000, 7)
+    print(f"python {platform.python_version()} on {platform.machine()}")
+    print(f"{'subscribers':>11}  {'per dispatch':>12}  {'per subscriber':>14}")
+    for subscribers in (0, 1, 10, 100):
+        seconds = measure(subscribers, number, repeat)
+        per_call = f"{seconds / subscribers * 1e6:.3f} us" if subscribers else "-"
+        print(f"{subscribers:>11}  {seconds * 1e6:>9.3f} us  {per_call:>14}")
+
+
+if __name__ == "__main__":
+    main()
