@@ -233,7 +233,13 @@ class Trainer:
             if self._state.get("iteration") > 0:
                 start_epoch += 1
             for epoch in range(start_epoch, self.max_epochs):
-                self._state.update(stage="train", current_epoch=epoch, batch_idx=-1)
+                self._state.update(
+                    stage="train",
+                    current_epoch=epoch,
+                    batch_idx=-1,
+                    num_batches=_length(train_loader),
+                    **_learning_rates(self.optimizers, read_tensors=False),
+                )
                 self._emit("epoch_start")
                 completed = self._train_epoch(train_loader)
                 last = epoch + 1 == self.max_epochs or self._stop_requested()
@@ -279,6 +285,8 @@ class Trainer:
                     predictions.append(move_to(outputs, torch.device("cpu")))
                     if self._apply_immediate():
                         break
+            if not predictions:
+                raise DataError("loader yielded no batches; pass a loader over a non-empty dataset")
             self._emit("predict_end", predictions=predictions)
         return predictions
 
@@ -290,8 +298,7 @@ class Trainer:
         state = self._state
         accumulate = self.accumulate_grad_batches
         log_every = self.log_every_n_batches
-        num_batches = _length(loader)
-        state.update(num_batches=num_batches)
+        stop_before_epoch = self._stop_requested()
         in_group = 0
         seen_any = False
         for batch_idx, (batch, is_last) in enumerate(with_last(loader)):
@@ -323,10 +330,13 @@ class Trainer:
                 self._log_loss()
             self._emit("batch_end", batch=batch, loss=_detached(loss), losses=_detached_all(losses))
             self._save_pending()
-            if self._stop_requested():
+            if not stop_before_epoch and self._stop_requested():
                 if in_group:
                     self._zero_grad()
                 return False
+        if in_group:
+            # The last batch was skipped while a group was open: step what was accumulated.
+            self._optimizer_step(in_group)
         if not seen_any:
             raise DataError(
                 "train_loader yielded no batches; check that the dataset is not empty and that "
@@ -395,24 +405,26 @@ class Trainer:
         for metric in self.metrics.values():
             metric.reset()
         seen_any = False
-        with torch.no_grad():
-            for index, batch in enumerate(loader):
-                seen_any = True
-                self._state.update(batch_idx=index)
-                self._emit("evaluation_step_start", batch=batch)
-                device_batch = move_to(batch, self.device)
-                with self.precision.autocast():
-                    outputs = model.evaluation_step(device_batch)
-                size = batch_size(device_batch)
-                for metric in self.metrics.values():
-                    metric.update(outputs, size)
-                self._emit("evaluation_step_end", batch=device_batch, outputs=outputs)
+        try:
+            with torch.no_grad():
+                for index, batch in enumerate(loader):
+                    seen_any = True
+                    self._state.update(batch_idx=index)
+                    self._emit("evaluation_step_start", batch=batch)
+                    device_batch = move_to(batch, self.device)
+                    with self.precision.autocast():
+                        outputs = model.evaluation_step(device_batch)
+                    size = batch_size(device_batch)
+                    for metric in self.metrics.values():
+                        metric.update(outputs, size)
+                    self._emit("evaluation_step_end", batch=device_batch, outputs=outputs)
+        finally:
+            model.train(was_training)
         if not seen_any:
             raise DataError(
                 f"{name} yielded no batches; pass a loader over a non-empty dataset (check "
                 "drop_last with a batch_size larger than the dataset)"
             )
-        model.train(was_training)
         return {name: metric.compute() for name, metric in self.metrics.items()}
 
     def _record_metrics(self, metrics: Mapping[str, float], *, track_best: bool) -> None:
