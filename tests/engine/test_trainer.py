@@ -834,3 +834,22 @@ def test_a_failing_evaluation_leaves_the_model_in_training_mode(
     with pytest.raises(DataError):
         trainer.validate(iter([]))
     assert trainer.model.training
+
+
+def test_compile_opt_in_wraps_the_steps_and_trains_to_the_same_weights(tmp_path: Path) -> None:
+    loader = make_loader(samples=16, batch_size=8)
+    results = []
+    for name, compile_options in (("eager", False), ("compiled", {"backend": "eager"})):
+        trainer = Trainer(
+            tmp_path / name,
+            make_model(),
+            default_callbacks=False,
+            max_epochs=1,
+            device="cpu",
+            compile=compile_options,
+        )
+        trainer.train(loader)
+        results.append((trainer, [p.detach().clone() for p in trainer.model.parameters()]))
+    (_, plain), (compiled_trainer, compiled) = results
+    assert hasattr(compiled_trainer.model.forward_step, "_torchdynamo_orig_callable")
+    assert all(torch.allclose(a, b) for a, b in zip(plain, compiled, strict=True))
