@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import blinker
@@ -31,22 +30,7 @@ from trainbus.events import (
     Subscription,
 )
 
-
-@dataclass(frozen=True)
-class State:
-    iteration: int = 0
-    epoch_number: int = 1
-
-
-MODEL = object()
-MAPS = object()
-
-
-def emit(bus: EventBus, event: str, state: State | None = None, **extra: Any) -> list[Any]:
-    """Emit ``event`` with the common payload and ``None`` for every extra name not given."""
-    values: dict[str, Any] = dict.fromkeys(bus.spec(event).payload)
-    values.update(extra)
-    return bus.emit(event, state=state or State(), model=MODEL, maps=MAPS, **values)
+from .support import MAPS, MODEL, State, emit
 
 
 def recorder(calls: list[str], name: str) -> Callable[..., None]:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pytest
 
@@ -15,21 +14,7 @@ from trainbus.errors import (
 )
 from trainbus.events import Callback, EventBus, EventSpec, Options, on
 
-
-@dataclass(frozen=True)
-class State:
-    iteration: int = 0
-    epoch_number: int = 1
-
-
-MODEL = object()
-MAPS = object()
-
-
-def emit(bus: EventBus, event: str, state: State | None = None, **extra: Any) -> list[Any]:
-    values: dict[str, Any] = dict.fromkeys(bus.spec(event).payload)
-    values.update(extra)
-    return bus.emit(event, state=state or State(), model=MODEL, maps=MAPS, **values)
+from .support import MAPS, MODEL, State, emit
 
 
 def plan_rows(bus: EventBus, event: str | None = None) -> list[tuple[str, str, int]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -21,22 +20,9 @@ from trainbus.events import (
     merge,
 )
 
+from .support import State, emit
 
-@dataclass(frozen=True)
-class State:
-    iteration: int = 0
-    epoch_number: int = 1
-
-
-MODEL = object()
-MAPS = object()
 SKIPPABLE = ("batch_start", "backward_start", "optimizer_step_start")
-
-
-def emit(bus: EventBus, event: str, state: State | None = None, **extra: Any) -> list[Request]:
-    values: dict[str, Any] = dict.fromkeys(bus.spec(event).payload)
-    values.update(extra)
-    return bus.emit(event, state=state or State(), model=MODEL, maps=MAPS, **values)
 
 
 def returning(value: object) -> Any:
