@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -201,10 +201,6 @@ class Maps:
     def write_environment(self) -> Path:
         """Write ``environment.json``: Python, platform and every installed distribution."""
         return self.write_json(environment(), ENVIRONMENT_FILE)
-
-    def iter_files(self) -> Iterator[Path]:
-        """Every file of the MAPS, sorted."""
-        yield from sorted(p for p in self.path.rglob("*") if p.is_file())
 
 
 def environment() -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
 
@@ -150,7 +149,3 @@ class StateKeeper:
             self._snapshot = snapshot
             self.snapshots_built += 1
         return snapshot
-
-    def as_mapping(self) -> Mapping[str, Any]:
-        """The current values, read-only view for checkpoints and reports."""
-        return dict(self._values)
