@@ -12,9 +12,11 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,14 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from trainbus.engine.maps import CHECKPOINTS_DIR, Maps, check_name, fsync_directory
+from trainbus.engine.maps import (
+    CHECKPOINTS_DIR,
+    MAPS_FILE,
+    TRAINING_DIR,
+    Maps,
+    check_name,
+    fsync_directory,
+)
 from trainbus.errors import CheckpointError, CorruptCheckpointError
 
 FORMAT_VERSION = 1
@@ -38,23 +47,52 @@ def save_weights(
     metadata: Mapping[str, Any],
 ) -> Path:
     """Commit ``model``'s weights under ``checkpoints/<tag>/``; an older one is replaced whole."""
-    root = maps.file(CHECKPOINTS_DIR)
+    return write_checkpoint(
+        maps.file(CHECKPOINTS_DIR),
+        tag,
+        {WEIGHTS: lambda path: save_model_file(model, path)},
+        kind="weights",
+        metadata=metadata,
+    )
+
+
+def save_model_file(model: nn.Module, path: Path) -> None:
+    """Write ``model``'s state dict as safetensors (moved to the CPU, tied tensors unshared)."""
+    tensors = {
+        name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()
+    }
+    safetensors.torch.save_file(_unshare(tensors), str(path))
+
+
+def write_checkpoint(
+    root: Path,
+    name: str,
+    writers: Mapping[str, Callable[[Path], None]],
+    *,
+    kind: str,
+    metadata: Mapping[str, Any],
+) -> Path:
+    """Write files into a staging directory, add the manifest, and commit ``root/name`` by rename.
+
+    Each writer writes one file; every file is fsynced and listed in the manifest (sha256 and
+    size) before the rename makes the checkpoint visible. On failure nothing is left behind and
+    an older checkpoint of the same name is intact.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    target = root / check_name(tag)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{tag}-", dir=root))
+    target = root / check_name(name)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:
-        weights = staging / WEIGHTS
-        tensors = {
-            name: tensor.detach().to("cpu").contiguous()
-            for name, tensor in model.state_dict().items()
-        }
-        safetensors.torch.save_file(_unshare(tensors), str(weights))
-        _fsync_file(weights)
+        digests = {}
+        for filename, write in writers.items():
+            path = staging / check_name(filename)
+            write(path)
+            _fsync_file(path)
+            digests[filename] = _digest(path)
         manifest = {
             "format_version": FORMAT_VERSION,
-            "kind": "weights",
-            "tag": tag,
-            "files": {WEIGHTS: _digest(weights)},
+            "kind": kind,
+            "tag": name,
+            "files": digests,
             "metadata": dict(metadata),
             "versions": {"torch": torch.__version__, "safetensors": safetensors.__version__},
         }
@@ -66,13 +104,24 @@ def save_weights(
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointError(
-            f"cannot write checkpoint {tag!r} under {root}: {exc.strerror or exc}; the previous "
-            "checkpoint with this tag, if any, is intact"
+            f"cannot write checkpoint {name!r} under {root}: {exc.strerror or exc}; the previous "
+            "checkpoint with this name, if any, is intact"
         ) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def remove_checkpoint(directory: Path) -> None:
+    """Delete a committed checkpoint: renamed aside first, so no half-deleted one is ever seen."""
+    if not directory.exists():
+        return
+    retired = directory.with_name(f".old-{directory.name}-{os.getpid()}")
+    shutil.rmtree(retired, ignore_errors=True)
+    os.replace(directory, retired)
+    fsync_directory(directory.parent)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -113,14 +162,42 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 
 def load_weights(
-    directory: str | os.PathLike[str], model: nn.Module, *, strict: bool = True
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    tag: str | None = None,
+    strict: bool = True,
 ) -> dict[str, Any]:
-    """Verify a weights checkpoint and load it into ``model``; returns its manifest."""
-    path = Path(directory)
-    manifest = read_manifest(path)
-    state = safetensors.torch.load_file(str(path / WEIGHTS))
-    model.load_state_dict(state, strict=strict)
+    """Verify a weights checkpoint and load it into ``model``; returns its manifest.
+
+    ``path`` is a checkpoint directory, or a MAPS directory with ``tag`` naming the checkpoint
+    (``"last"`` when omitted). Weights saved from a wrapper (e.g. ``SupervisedModel``, whose
+    keys start with ``network.``) load into the bare network: the wrapper's prefix is removed
+    when that makes the keys match. Only tensors are read (safetensors): no code can run.
+    """
+    directory = Path(path)
+    if (directory / MAPS_FILE).is_file() or tag is not None:
+        directory = directory / CHECKPOINTS_DIR / check_name(tag or "last")
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"no checkpoint at {directory}; pass a checkpoint directory, or the MAPS with "
+            "tag= one of its checkpoints/ names (e.g. 'last' or 'best-loss')"
+        )
+    manifest = read_manifest(directory)
+    state = safetensors.torch.load_file(str(directory / WEIGHTS))
+    model.load_state_dict(_match_keys(state, model), strict=strict)
     return manifest
+
+
+def _match_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    wanted = set(model.state_dict())
+    if set(state) == wanted or not state:
+        return state
+    for prefix in sorted({key.split(".", 1)[0] + "." for key in state if "." in key}):
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if set(stripped) == wanted:
+            return stripped
+    return state
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -159,3 +236,144 @@ def _commit(staging: Path, target: Path) -> None:
     fsync_directory(target.parent)
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ training states
+TRAINER_FILE = "trainer.pt"
+STATE_FILE = "state.json"
+LATEST = "latest"
+_STATE_PREFIX = "state-"
+
+
+def training_state_name(iteration: int, *, epoch_end: bool) -> str:
+    """Directory name of a training state; names sort in training order."""
+    return f"{_STATE_PREFIX}{iteration:010d}{'-epoch-end' if epoch_end else ''}"
+
+
+def save_training_state(
+    maps: Maps,
+    name: str,
+    model: nn.Module,
+    *,
+    tensors: Mapping[str, Any],
+    document: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+) -> Path:
+    """Commit a training state under ``training/<name>/``, then move ``training/latest`` to it.
+
+    ``tensors`` (optimizers, scaler, random states, callback states) is written with
+    ``torch.save`` and read back with ``weights_only=True`` only; ``document`` (counters,
+    positions, filter counters) as JSON; the weights as safetensors.
+    """
+    root = maps.file(TRAINING_DIR)
+    text = json.dumps(dict(document), indent=2, default=str) + "\n"
+    path = write_checkpoint(
+        root,
+        name,
+        {
+            WEIGHTS: lambda target: save_model_file(model, target),
+            TRAINER_FILE: lambda target: torch.save(dict(tensors), target),
+            STATE_FILE: lambda target: _write_text(target, text),
+        },
+        kind="training",
+        metadata=metadata,
+    )
+    try:
+        maps.write_bytes(f"{name}\n".encode(), TRAINING_DIR, LATEST)
+    except OSError as exc:
+        raise CheckpointError(
+            f"training state {path} was committed, but {root / LATEST} could not be updated: "
+            f"{exc.strerror or exc}; a resume still finds the newest valid state"
+        ) from exc
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+def training_states(maps: Maps) -> list[Path]:
+    """Committed training states of the MAPS, newest first."""
+    root = maps.file(TRAINING_DIR)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(_STATE_PREFIX) and p.is_dir()]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+@dataclass(frozen=True, slots=True)
+class FoundState:
+    """The training state a resume will use, and the newer ones it had to pass over."""
+
+    path: Path
+    manifest: dict[str, Any]
+    skipped: tuple[str, ...]
+
+
+def find_training_state(maps: Maps) -> FoundState | None:
+    """The newest training state whose manifest verifies; ``None`` if the MAPS holds none.
+
+    A corrupt, partial or unreadable state is passed over (and named in ``skipped``); a
+    ``latest`` pointer that is missing, corrupt or stale never decides on its own.
+    Raises :class:`CorruptCheckpointError` when states exist but none verifies.
+    """
+    skipped: list[str] = []
+    candidates = training_states(maps)
+    for path in candidates:
+        try:
+            manifest = read_manifest(path)
+            if manifest.get("kind") != "training":
+                raise CorruptCheckpointError(f"{path} is not a training state")
+        except CheckpointError as exc:
+            skipped.append(f"{path.name}: {exc}")
+            continue
+        pointer = _read_latest(maps)
+        if pointer is not None and pointer != path.name:
+            skipped.append(f"{LATEST}: names {pointer!r}, not the newest valid state")
+        return FoundState(path, manifest, tuple(skipped))
+    if candidates:
+        raise CorruptCheckpointError(
+            f"every training state under {maps.file(TRAINING_DIR)} is corrupt or unreadable: "
+            + "; ".join(skipped)
+        )
+    return None
+
+
+def _read_latest(maps: Maps) -> str | None:
+    try:
+        return maps.file(TRAINING_DIR, LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def load_training_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
+    """The weights, the torch-saved part and the JSON part of a verified training state.
+
+    The torch file is read with ``weights_only=True`` passed explicitly, so a pickle that
+    names anything but tensors and plain containers is refused, whatever the environment says.
+    """
+    read_manifest(path)
+    weights = safetensors.torch.load_file(str(path / WEIGHTS))
+    trainer_file = path / TRAINER_FILE
+    try:
+        tensors = torch.load(trainer_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {trainer_file}: it holds objects a weights-only load does not "
+            f"allow ({exc}); a training state written by trainbus never does, so the file "
+            "was not written by trainbus or was tampered with"
+        ) from exc
+    document = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    return weights, tensors, document
+
+
+def rotate_training_states(maps: Maps, keep: int, protect: Iterable[Path] = ()) -> list[Path]:
+    """Delete all but the newest ``keep`` states; never one in ``protect``. Returns the removed."""
+    protected = {p.resolve() for p in protect}
+    removed = []
+    for path in training_states(maps)[keep:]:
+        if path.resolve() in protected:
+            continue
+        remove_checkpoint(path)
+        removed.append(path)
+    return removed

@@ -8,6 +8,7 @@ Layout (every name below is relative to the MAPS root)::
     training_loss.tsv    mean training loss at each log interval
     logs/train.jsonl     structured logs, one JSON object per line
     checkpoints/<tag>/   model weights (safetensors) with a manifest
+    training/state-*/    training states for an exact resume; training/latest names the newest
 
 A MAPS that exists is never silently reused: pass ``overwrite=True`` to replace it (only a
 directory that is a trainbus MAPS, or empty, is ever deleted). Every name written is checked,
@@ -43,6 +44,7 @@ METRICS_FILE = "metrics.tsv"
 TRAINING_LOSS_FILE = "training_loss.tsv"
 LOGS_DIR = "logs"
 CHECKPOINTS_DIR = "checkpoints"
+TRAINING_DIR = "training"
 
 
 def check_name(name: str) -> str:
@@ -77,7 +79,8 @@ class Maps:
         self.path = Path(path).absolute()
         self.overwrite = overwrite
         self._created = False
-        self.check_available()
+        if not self.is_maps():
+            self.check_available()
 
     def __repr__(self) -> str:
         return f"Maps({str(self.path)!r})"
@@ -102,9 +105,10 @@ class Maps:
         if not any(self.path.iterdir()):
             return
         if not self.overwrite:
+            resume = " (or resume=True to continue its training)" if self.is_maps() else ""
             raise MapsExistsError(
                 f"MAPS directory {str(self.path)!r} already exists and is not empty; choose a "
-                "new directory, or pass overwrite=True to replace it"
+                f"new directory, or pass overwrite=True to replace it{resume}"
             )
         if not (self.path / MAPS_FILE).is_file():
             raise MapsExistsError(
@@ -112,6 +116,21 @@ class Maps:
                 "it is not a trainbus MAPS; refusing to delete it even with overwrite=True. "
                 "Choose another path."
             )
+
+    def is_maps(self) -> bool:
+        """Whether the directory exists and is a trainbus MAPS (it holds ``maps.json``)."""
+        return (self.path / MAPS_FILE).is_file()
+
+    def adopt(self) -> None:
+        """Continue writing into an existing MAPS (resume, or evaluation after training)."""
+        if self._created:
+            return
+        if not self.is_maps():
+            raise MapsError(
+                f"{str(self.path)!r} is not a trainbus MAPS (no {MAPS_FILE}); nothing can be "
+                "resumed from it: check the path"
+            )
+        self._created = True
 
     def create(self) -> None:
         """Create the directory (replacing an old MAPS only when ``overwrite=True``)."""

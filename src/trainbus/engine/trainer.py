@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import platform
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -31,18 +33,34 @@ from trainbus.engine.compute import (
 from trainbus.engine.maps import MAPS_FILE, Maps
 from trainbus.engine.metrics import BoundMetric, MetricSpec, bind_metrics, is_better
 from trainbus.engine.model import Model
+from trainbus.engine.resume import (
+    EpochStart,
+    RandomStates,
+    capture_random_states,
+    restore_random_states,
+    resumed_iterator,
+)
 from trainbus.engine.state import StateKeeper, TrainerState
 from trainbus.errors import (
+    CheckpointError,
     ConfigurationError,
     ConfigurationTypeError,
     DataError,
+    MapsError,
     ModelContractError,
     SubscriptionError,
+    TrainbusWarning,
 )
 from trainbus.events.bus import SOURCE_BUILTIN, SOURCE_USER, EventBus
 from trainbus.events.callback import Callback
 from trainbus.events.catalog import closest_names
-from trainbus.events.commands import Request, SaveCheckpoint, SkipStep, Stop, merge
+from trainbus.events.commands import (
+    Request,
+    SaveCheckpoint,
+    SkipStep,
+    Stop,
+    merge,
+)
 from trainbus.events.marker import Mark, OnError, Predicate, add_mark
 from trainbus.handlers.defaults import default_callbacks as _default_callbacks
 
@@ -149,10 +167,59 @@ class Trainer:
         self._compiled = False
         self._loss_total: torch.Tensor | None = None
         self._loss_count = 0
+        self._adopt_maps = False
+        self._open_group = 0
+        self._epoch_start: EpochStart | None = None
+        self._position: dict[str, Any] = {"epoch": 0, "batches_done": 0, "in_epoch": False}
+        self._resume_random: RandomStates | None = None
         for callback in self.callbacks:
             self._check_metric_names(callback)
             self.bus.attach(callback, source=_source_of(callback))
         self._emit("trainer_init")
+
+    @classmethod
+    def from_maps(
+        cls,
+        maps: str | os.PathLike[str],
+        model: Model,
+        metrics: Mapping[str, MetricSpec] | None = None,
+        callbacks: Iterable[Callback] | None = None,
+        *,
+        weights: str | None = None,
+        **overrides: Any,
+    ) -> Trainer:
+        """Rebuild the Trainer of an existing MAPS, to resume its training or evaluate it.
+
+        The loop settings recorded in ``maps.json`` (epochs, accumulation, clipping, precision,
+        seed, ...) are reused; ``overrides`` replace any of them (e.g. ``max_epochs=50`` to
+        train longer). The model, metrics and callbacks are objects, so they are passed again.
+        ``train()`` then resumes from the newest valid training state; ``weights`` names a
+        model checkpoint (e.g. ``"best-loss"``) to load now, for validate/test/predict.
+        """
+        handle = Maps(maps)
+        if not handle.is_maps():
+            raise MapsError(
+                f"{str(handle.path)!r} is not a trainbus MAPS (no {MAPS_FILE}); pass the "
+                "directory a Trainer wrote"
+            )
+        try:
+            recorded = handle.read_json(MAPS_FILE)
+            settings = dict(recorded["trainer"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise MapsError(
+                f"{handle.file(MAPS_FILE)} cannot be read ({exc}); it is needed to rebuild "
+                "the Trainer"
+            ) from exc
+        reused = {key: settings[key] for key in _REUSED_SETTINGS if key in settings}
+        if reused.get("compile") is None:
+            reused.pop("compile", None)
+        if recorded.get("seed") is not None:
+            reused["seed"] = recorded["seed"]
+        trainer = cls(handle, model, metrics, callbacks, **{**reused, **overrides})
+        trainer._adopt_maps = True
+        if weights is not None:
+            checkpoint.load_weights(handle.path, model, tag=weights)
+        return trainer
 
     # ----------------------------------------------------------------- public
     @property
@@ -219,44 +286,76 @@ class Trainer:
         return [entry.as_dict() for entry in self.bus.plan(event)]
 
     def train(
-        self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None = None
+        self,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any] | None = None,
+        *,
+        resume: bool | None = None,
     ) -> TrainerState:
-        """Train for ``max_epochs`` (or until a handler asks to stop); returns the final state."""
+        """Train for ``max_epochs`` (or until a handler asks to stop); returns the final state.
+
+        ``resume=True`` continues from the newest valid training state of the MAPS, exactly
+        where it was written (mid-epoch included), or starts afresh when the MAPS does not
+        exist yet; the default is ``True`` for a Trainer built by :meth:`from_maps`.
+        """
         _check_loader("train_loader", train_loader)
         if val_loader is not None:
             _check_loader("val_loader", val_loader)
-        with self._call("train"):
+        if resume is None:
+            resume = self._adopt_maps
+        elif not isinstance(resume, bool):
+            raise ConfigurationTypeError(f"resume={resume!r} is not a bool")
+        found = self._resume_point() if resume else None
+        with self._call("train", adopt=found is not None):
             self._prepare_training()
+            if found is not None:
+                self._restore(found, train_loader)
             self._emit("train_start", optimizers=self.optimizers)
+            if found is not None:
+                self._emit("resume", checkpoint=found.path)
             self._save_pending()
-            start_epoch = self._state.get("current_epoch")
-            if self._state.get("iteration") > 0:
-                start_epoch += 1
-            for epoch in range(start_epoch, self.max_epochs):
-                self._state.update(
-                    stage="train",
-                    current_epoch=epoch,
-                    batch_idx=-1,
-                    num_batches=_length(train_loader),
-                    **_learning_rates(self.optimizers, read_tensors=False),
-                )
-                self._emit("epoch_start")
-                completed = self._train_epoch(train_loader)
-                last = epoch + 1 == self.max_epochs or self._stop_requested()
-                if (
-                    val_loader is not None
-                    and completed
-                    and ((epoch + 1) % self.val_every_n_epochs == 0 or last)
-                ):
-                    self._validation(val_loader)
-                self._state.update(stage="train")
-                self._emit("epoch_end")
-                self._save_pending()
-                if self._stop_requested():
-                    break
+            while self._position["epoch"] < self.max_epochs and not self._stop_requested():
+                self._run_epoch(train_loader, val_loader)
             self._emit("train_end")
             self._save_pending()
         return self.state
+
+    def _run_epoch(self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None) -> None:
+        epoch = self._position["epoch"]
+        num_batches = _length(train_loader)
+        changes = {
+            "stage": "train",
+            "current_epoch": epoch,
+            "num_batches": num_batches,
+            **_learning_rates(self.optimizers, read_tensors=False),
+        }
+        if self._position["in_epoch"]:
+            # Resumed in the middle of this epoch: epoch_start fired before the interruption.
+            skip = self._position["batches_done"]
+            self._state.update(batch_idx=skip - 1, **changes)
+            assert self._epoch_start is not None
+            batches = resumed_iterator(train_loader, self._epoch_start, skip)
+        else:
+            skip = 0
+            self._state.update(batch_idx=-1, **changes)
+            self._restore_random_states()
+            self._position = {"epoch": epoch, "batches_done": 0, "in_epoch": True}
+            self._emit("epoch_start")
+            self._epoch_start = EpochStart.capture(train_loader)
+            batches = iter(train_loader)
+        self._restore_random_states()
+        completed = self._train_epoch(batches, skip, _reliable_length(train_loader))
+        last = epoch + 1 == self.max_epochs or self._stop_requested()
+        if (
+            val_loader is not None
+            and completed
+            and ((epoch + 1) % self.val_every_n_epochs == 0 or last)
+        ):
+            self._validation(val_loader)
+        self._state.update(stage="train")
+        self._position = {"epoch": epoch + 1, "batches_done": 0, "in_epoch": False}
+        self._emit("epoch_end")
+        self._save_pending()
 
     def validate(self, loader: Iterable[Any]) -> dict[str, float]:
         """Compute the metrics on ``loader``; returns them as floats."""
@@ -291,17 +390,17 @@ class Trainer:
         return predictions
 
     # ------------------------------------------------------------------- loop
-    def _train_epoch(self, loader: Iterable[Any]) -> bool:
-        """One training epoch; False when a stop cut it short."""
+    def _train_epoch(self, batches: Iterator[Any], first: int, total: int | None) -> bool:
+        """Train on ``batches`` (numbered from ``first``); False when a stop cut it short."""
         model = self.model
         model.train()
         state = self._state
         accumulate = self.accumulate_grad_batches
         log_every = self.log_every_n_batches
         stop_before_epoch = self._stop_requested()
-        in_group = 0
+        self._open_group = 0
         seen_any = False
-        for batch_idx, (batch, is_last) in enumerate(with_last(loader)):
+        for batch_idx, (batch, is_last) in enumerate(_numbered(batches, first, total), first):
             seen_any = True
             iteration = state.get("iteration") + 1
             state.update(batch_idx=batch_idx, iteration=iteration)
@@ -319,25 +418,29 @@ class Trainer:
                     if self.scaler is not None:
                         scaled = self.scaler.scale(scaled)
                     model.backward_step(scaled)
-                    in_group += 1
+                    self._open_group += 1
                     self._emit("backward_end", batch=batch, loss=loss, losses=losses)
-                    if in_group == accumulate or is_last:
-                        self._optimizer_step(in_group)
-                        in_group = 0
+                    if self._open_group == accumulate or is_last:
+                        self._optimizer_step(self._open_group)
+                        self._open_group = 0
                 self._track_loss(loss)
             state.update(samples_seen=state.get("samples_seen") + batch_size(batch))
+            self._position["batches_done"] = batch_idx + 1
             if iteration % log_every == 0 or is_last:
                 self._log_loss()
             self._emit("batch_end", batch=batch, loss=_detached(loss), losses=_detached_all(losses))
             self._save_pending()
             if not stop_before_epoch and self._stop_requested():
-                if in_group:
+                if self._open_group:
+                    self._open_group = 0
                     self._zero_grad()
                 return False
-        if in_group:
+        if self._open_group:
             # The last batch was skipped while a group was open: step what was accumulated.
-            self._optimizer_step(in_group)
-        if not seen_any:
+            self._optimizer_step(self._open_group)
+            self._open_group = 0
+            self._save_pending()
+        if not seen_any and first == 0:
             raise DataError(
                 "train_loader yielded no batches; check that the dataset is not empty and that "
                 "batch_size is not larger than the dataset with drop_last=True"
@@ -498,6 +601,13 @@ class Trainer:
             return
         decision = merge(self._pending)
         self._pending = []
+        if decision.training_state is not None:
+            if self._open_group:
+                # Mid accumulation group: the gradients are not part of a training state, so
+                # it is written once the group's optimizer step is done.
+                self._pending.append(decision.training_state)
+            else:
+                self._write_training_state(decision.training_state)
         for request in decision.saves:
             command = request.command
             assert isinstance(command, SaveCheckpoint)
@@ -516,11 +626,157 @@ class Trainer:
                     "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
                 },
             )
-            self._emit("checkpoint", checkpoint=path, tag=command.tag)
+            self._emit("checkpoint", checkpoint=path, tag=command.tag, kind="weights")
+
+    def _write_training_state(self, request: Request) -> None:
+        snapshot = self._state.snapshot()
+        in_epoch = bool(self._position["in_epoch"])
+        name = checkpoint.training_state_name(snapshot.iteration, epoch_end=not in_epoch)
+        tensors = {
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "random": capture_random_states(),
+            "epoch_start": (
+                self._epoch_start.as_dict() if in_epoch and self._epoch_start else None
+            ),
+            "loss": {
+                "total": None if self._loss_total is None else self._loss_total.cpu(),
+                "count": self._loss_count,
+            },
+            "callbacks": {c.callback_id: c.state_dict() for c in self.callbacks},
+        }
+        document = {
+            "format": "trainbus-training-state/1",
+            "state": snapshot.as_dict(),
+            "position": dict(self._position),
+            "bus": self.bus.state_dict(),
+            "trainer": self._settings(),
+            "callbacks": [c.callback_id for c in self.callbacks],
+        }
+        path = checkpoint.save_training_state(
+            self.maps,
+            name,
+            self.model,
+            tensors=tensors,
+            document=document,
+            metadata={
+                "requested_by": request.source,
+                "event": request.event,
+                "reason": getattr(request.command, "reason", ""),
+                "epoch": snapshot.current_epoch,
+                "iteration": snapshot.iteration,
+                "global_step": snapshot.global_step,
+                "in_epoch": in_epoch,
+            },
+        )
+        self._emit("checkpoint", checkpoint=path, tag=name, kind="training")
+
+    # ------------------------------------------------------------------ resume
+    def _resume_point(self) -> checkpoint.FoundState | None:
+        """The training state to resume from; None to start afresh (no MAPS yet)."""
+        if self.maps.created:
+            raise ConfigurationError(
+                "this Trainer already ran in this process; resume=True is for a new Trainer "
+                "(e.g. Trainer.from_maps) after an interruption"
+            )
+        if not self.maps.is_maps():
+            self.maps.check_available()
+            return None
+        found = checkpoint.find_training_state(self.maps)
+        if found is None:
+            raise CheckpointError(
+                f"MAPS {str(self.maps.path)!r} holds no training state to resume from (was "
+                "TrainingCheckpointCallback switched off, or did the run stop before its first "
+                "save?); pass overwrite=True to train again from scratch"
+            )
+        for skipped in found.skipped:
+            warnings.warn(f"resume passed over {skipped}", TrainbusWarning, stacklevel=3)
+        return found
+
+    def _restore(self, found: checkpoint.FoundState, loader: Iterable[Any]) -> None:
+        """Load everything a training state holds; random states are restored at the loop."""
+        weights, tensors, document = checkpoint.load_training_state(found.path)
+        position = document["position"]
+        if position["in_epoch"] and document["state"]["num_batches"] != _length(loader):
+            raise CheckpointError(
+                f"the training state {found.path.name} stopped after batch "
+                f"{position['batches_done']} of an epoch of {document['state']['num_batches']} "
+                f"batches, but train_loader has {_length(loader)}; resume with the same "
+                "training data and batch size"
+            )
+        self.model.load_state_dict(weights)
+        saved_optimizers = tensors["optimizers"]
+        if len(saved_optimizers) != len(self.optimizers):
+            raise CheckpointError(
+                f"the training state {found.path.name} holds {len(saved_optimizers)} optimizer "
+                f"states, but the model built {len(self.optimizers)}; resume with the same "
+                "build_optimizers"
+            )
+        for optimizer, saved in zip(self.optimizers, saved_optimizers, strict=True):
+            optimizer.load_state_dict(saved)
+        if self.scaler is not None and tensors["scaler"]:
+            self.scaler.load_state_dict(tensors["scaler"])
+        restored = {
+            key: tuple(value) if key == "learning_rates" else value
+            for key, value in document["state"].items()
+            if key not in {"stage", "max_epochs", "rank", "world_size"}
+        }
+        self._state.update(**restored)
+        self.bus.load_state_dict(document["bus"])
+        self._load_callback_states(tensors["callbacks"], found.path.name)
+        loss = tensors["loss"]
+        total = loss["total"]
+        self._loss_total = None if total is None else total.to(self.device)
+        self._loss_count = int(loss["count"])
+        self._position = dict(position)
+        self._resume_random = tensors["random"]
+        if position["in_epoch"]:
+            self._epoch_start = EpochStart.from_dict(tensors["epoch_start"])
+        changed = {
+            key: (value, self._settings().get(key))
+            for key, value in document["trainer"].items()
+            if key in _EXACTNESS_SETTINGS and self._settings().get(key) != value
+        }
+        if changed:
+            warnings.warn(
+                "resuming with settings that differ from the interrupted run "
+                + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+                + "; training continues, but not as the interrupted run would have",
+                TrainbusWarning,
+                stacklevel=4,
+            )
+        self._calls[-1]["resumed_from"] = {
+            "state": found.path.name,
+            "epoch": document["state"]["current_epoch"],
+            "iteration": document["state"]["iteration"],
+            "skipped": list(found.skipped),
+        }
+
+    def _load_callback_states(self, states: Mapping[str, Any], source: str) -> None:
+        current = {c.callback_id: c for c in self.callbacks}
+        missing = sorted(current.keys() - states.keys())
+        unused = sorted(states.keys() - current.keys())
+        for callback_id, callback in current.items():
+            if callback_id in states:
+                callback.load_state_dict(states[callback_id])
+        if missing or unused:
+            warnings.warn(
+                f"the training state {source} and this Trainer's callbacks differ: "
+                f"{missing or 'none'} start without saved state, the saved state of "
+                f"{unused or 'none'} is not used; callback ids are class names (#n for the "
+                "n-th of a class): pass the same callbacks as the interrupted run",
+                TrainbusWarning,
+                stacklevel=5,
+            )
+
+    def _restore_random_states(self) -> None:
+        if self._resume_random is not None:
+            restore_random_states(self._resume_random)
+            self._resume_random = None
 
     # ------------------------------------------------------------- lifecycle
-    def _call(self, stage: Stage) -> _Call:
-        return _Call(self, stage)
+    def _call(self, stage: Stage, *, adopt: bool = False) -> _Call:
+        return _Call(self, stage, adopt=adopt or self._adopt_maps)
 
     def _prepare_model(self) -> None:
         self.model.to(self.device)
@@ -550,11 +806,16 @@ class Trainer:
             self._state.update(**_learning_rates(self.optimizers, read_tensors=True))
             self._write_maps_config()
 
-    def _begin(self, stage: Stage) -> None:
+    def _begin(self, stage: Stage, *, adopt: bool) -> None:
         first = not self.maps.created
-        self.maps.create()
-        if first:
-            self.maps.write_environment()
+        if adopt:
+            self.maps.adopt()
+            if first:
+                self._calls = list(self.maps.read_json(MAPS_FILE).get("calls", []))
+        else:
+            self.maps.create()
+            if first:
+                self.maps.write_environment()
         self._calls.append(
             {
                 "call": stage,
@@ -606,18 +867,14 @@ class Trainer:
             },
             "command": sys.argv,
             "seed": self.seed,
-            "trainer": {
-                "max_epochs": self.max_epochs,
-                "val_every_n_epochs": self.val_every_n_epochs,
-                "log_every_n_batches": self.log_every_n_batches,
-                "accumulate_grad_batches": self.accumulate_grad_batches,
-                "gradient_clip_val": self.gradient_clip_val,
-                "gradient_clip_algorithm": self.gradient_clip_algorithm,
-                "device": str(self.device),
-                "precision": self.precision.name,
-                "compile": self.compile_options,
-                "deterministic": self.deterministic,
-            },
+            "trainer": self._settings(),
+            "val_every_n_epochs": self.val_every_n_epochs,
+            "log_every_n_batches": self.log_every_n_batches,
+            "accumulate_grad_batches": self.accumulate_grad_batches,
+            "gradient_clip_val": self.gradient_clip_val,
+            "gradient_clip_algorithm": self.gradient_clip_algorithm,
+            "device": str(self.device),
+            "precision": self.precision.name,
             "model": {
                 "class": f"{type(model).__module__}.{type(model).__qualname__}",
                 "parameters": sum(p.numel() for p in model.parameters()),
@@ -648,6 +905,20 @@ class Trainer:
             "calls": self._calls,
         }
 
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "max_epochs": self.max_epochs,
+            "val_every_n_epochs": self.val_every_n_epochs,
+            "log_every_n_batches": self.log_every_n_batches,
+            "accumulate_grad_batches": self.accumulate_grad_batches,
+            "gradient_clip_val": self.gradient_clip_val,
+            "gradient_clip_algorithm": self.gradient_clip_algorithm,
+            "device": str(self.device),
+            "precision": self.precision.name,
+            "compile": self.compile_options,
+            "deterministic": self.deterministic,
+        }
+
     def _check_metric_names(self, callback: Callback) -> None:
         for name in getattr(callback, "metric_names", lambda: ())():
             if name not in self.metrics:
@@ -663,13 +934,14 @@ class Trainer:
 class _Call:
     """One public call: creates the MAPS, records the call, emits exception/teardown."""
 
-    def __init__(self, trainer: Trainer, stage: Stage) -> None:
+    def __init__(self, trainer: Trainer, stage: Stage, *, adopt: bool) -> None:
         self.trainer = trainer
         self.stage = stage
+        self.adopt = adopt
         self.deterministic = DeterministicMode(trainer.deterministic)
 
     def __enter__(self) -> None:
-        self.trainer._begin(self.stage)
+        self.trainer._begin(self.stage, adopt=self.adopt)
         self.deterministic.__enter__()
 
     def __exit__(
@@ -770,6 +1042,54 @@ def _resolve_callbacks(
             )
         ids.add(callback.callback_id)
     return resolved
+
+
+_REUSED_SETTINGS = (
+    "max_epochs",
+    "val_every_n_epochs",
+    "log_every_n_batches",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+    "precision",
+    "compile",
+    "deterministic",
+)
+"""Settings :meth:`Trainer.from_maps` reads back from ``maps.json`` (not the device)."""
+
+_EXACTNESS_SETTINGS = (
+    "val_every_n_epochs",
+    "log_every_n_batches",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+    "precision",
+    "deterministic",
+)
+"""Settings that, changed at a resume, make it differ from the interrupted run."""
+
+
+def _numbered(batches: Iterator[Any], first: int, total: int | None) -> Iterator[tuple[Any, bool]]:
+    """Pair each batch with whether it is the epoch's last.
+
+    With a known length nothing is read ahead, so a batch is loaded exactly when the
+    uninterrupted loop would load it (random augmentation in the main process stays exact
+    across a resume); an iterable of unknown length is read one batch ahead.
+    """
+    if total is None:
+        yield from with_last(batches)
+        return
+    for index, batch in enumerate(batches, first):
+        yield batch, index + 1 == total
+
+
+def _reliable_length(loader: Iterable[Any]) -> int | None:
+    """``len(loader)`` when it is exact (an IterableDataset's length is only an estimate)."""
+    if isinstance(loader, torch.utils.data.DataLoader) and isinstance(
+        loader.dataset, torch.utils.data.IterableDataset
+    ):
+        return None
+    return _length(loader)
 
 
 def _source_of(callback: Callback) -> str:

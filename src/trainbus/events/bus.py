@@ -534,8 +534,8 @@ def _requests(
         if not isinstance(command, Command):
             raise CommandError(
                 f"handler {subscription.id!r} of event {spec.name!r} returned {command!r}; "
-                "a handler returns None, a command (Stop, SkipStep, SaveCheckpoint) or a list "
-                "of commands"
+                "a handler returns None, a command (Stop, SkipStep, SaveCheckpoint, "
+                "SaveTrainingState) or a list of commands"
             )
         if isinstance(command, SkipStep) and not spec.skippable:
             skippable = ", ".join(n for n, s in specs.items() if s.skippable)

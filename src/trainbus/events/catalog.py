@@ -13,8 +13,9 @@ times, ``repeat`` blocks run any number of times, ``optionally`` blocks at most 
         trainer_init
     train(train_loader, val_loader):
         train_start
+        resume?                                when a training state was restored
         repeat for each epoch:
-            epoch_start
+            epoch_start                        not repeated for an epoch resumed in its middle
             repeat for each training batch:
                 batch_start                    SkipStep here skips the rest of the batch
                 optionally, unless the batch was skipped:
@@ -27,7 +28,7 @@ times, ``repeat`` blocks run any number of times, ``optionally`` blocks at most 
                             optimizer_step_end?    unless the step was skipped
                 loss_logged?                   every log_every_n_batches batches and at the last
                 batch_end
-                checkpoint*                    one per SaveCheckpoint asked during the batch
+                checkpoint*                    one per save asked during the batch
             optionally, every val_every_n_epochs epochs and at the last:
                 validation_start
                 repeat for each validation batch:
@@ -36,9 +37,9 @@ times, ``repeat`` blocks run any number of times, ``optionally`` blocks at most 
                 metrics_computed
                 validation_end
             epoch_end
-            checkpoint*                        one per SaveCheckpoint asked during the epoch
+            checkpoint*                        one per save asked during the epoch
         train_end
-        checkpoint*                            one per SaveCheckpoint asked at train_end
+        checkpoint*                            one per save asked at train_end
         teardown
     validate(loader):
         validate_start
@@ -128,6 +129,12 @@ EVENTS: Mapping[str, EventSpec] = {
     for spec in (
         _spec("trainer_init", "The Trainer is constructed and every subscriber registered."),
         _spec("train_start", "train() begins, after optimizers are built.", ("optimizers",)),
+        _spec(
+            "resume",
+            "train(resume=True) restored the training state at `checkpoint`: weights, "
+            "optimizers, counters, random states and every callback's state_dict.",
+            ("checkpoint",),
+        ),
         _spec("epoch_start", "A training epoch begins.", counter=_EPOCH),
         _spec(
             "batch_start",
@@ -198,8 +205,9 @@ EVENTS: Mapping[str, EventSpec] = {
         _spec("epoch_end", "A training epoch ended (after its validation).", counter=_EPOCH),
         _spec(
             "checkpoint",
-            "A checkpoint asked for with SaveCheckpoint was committed.",
-            ("checkpoint", "tag"),
+            "A checkpoint was committed: `kind` is 'weights' (SaveCheckpoint, `tag` its name) "
+            "or 'training' (SaveTrainingState, `tag` the state's directory name).",
+            ("checkpoint", "tag", "kind"),
         ),
         _spec("train_end", "train() finished its last epoch or was stopped."),
         _spec("validate_start", "validate() begins."),

@@ -8,7 +8,8 @@ The bus collects every request of one event with the id of the subscriber that m
   first request in dispatch order is the one recorded as the reason (``state.stopped_by``,
   ``state.stop_reason`` and ``maps.json``), and every other request is kept with its source.
 - **skip is a veto**: one :class:`SkipStep` skips the step; all reasons are kept.
-- **saves accumulate**: every :class:`SaveCheckpoint` is carried out, once per distinct tag.
+- **saves accumulate**: every :class:`SaveCheckpoint` is carried out, once per distinct tag;
+  any number of :class:`SaveTrainingState` requests of one boundary write one training state.
 
 Requests are never dropped silently: :attr:`Decision.requests` holds all of them, in order.
 """
@@ -64,6 +65,17 @@ class SaveCheckpoint(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class SaveTrainingState(Command):
+    """Write a training state (everything an exact resume needs) at the next step boundary.
+
+    Asked during an accumulation group, it is written when the group's optimizer step is done.
+    The ``checkpoint`` event (``kind="training"``) announces the committed directory.
+    """
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
     """One command with the id of the subscriber that returned it and the event it answered."""
 
@@ -80,6 +92,7 @@ class Decision:
     stop: Request | None = None
     skip: Request | None = None
     saves: tuple[Request, ...] = field(default=())
+    training_state: Request | None = None
 
     def __bool__(self) -> bool:
         return bool(self.requests)
@@ -90,6 +103,7 @@ def merge(requests: Sequence[Request]) -> Decision:
     stop: Request | None = None
     skip: Request | None = None
     saves: dict[str, Request] = {}
+    training_state: Request | None = None
     for request in requests:
         command = request.command
         if isinstance(command, Stop):
@@ -98,4 +112,6 @@ def merge(requests: Sequence[Request]) -> Decision:
             skip = skip or request
         elif isinstance(command, SaveCheckpoint):
             saves.setdefault(command.tag, request)
-    return Decision(tuple(requests), stop, skip, tuple(saves.values()))
+        elif isinstance(command, SaveTrainingState):
+            training_state = training_state or request
+    return Decision(tuple(requests), stop, skip, tuple(saves.values()), training_state)
