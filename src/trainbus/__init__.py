@@ -22,6 +22,7 @@ from trainbus.events import (
     EventBus,
     EventSpec,
     SaveCheckpoint,
+    SaveTrainingState,
     SkipStep,
     Stop,
     on,
@@ -32,6 +33,7 @@ from trainbus.handlers import (
     MetricsWriterCallback,
     ModelCheckpointCallback,
     MonitorCallback,
+    TrainingCheckpointCallback,
 )
 
 try:
@@ -53,6 +55,7 @@ __all__ = [
     "ModelCheckpointCallback",
     "MonitorCallback",
     "SaveCheckpoint",
+    "SaveTrainingState",
     "SkipStep",
     "Stop",
     "SupervisedModel",
@@ -60,6 +63,7 @@ __all__ = [
     "TrainbusError",
     "Trainer",
     "TrainerState",
+    "TrainingCheckpointCallback",
     "__version__",
     "load_weights",
     "on",

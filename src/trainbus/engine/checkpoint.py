@@ -367,6 +367,15 @@ def load_training_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     return weights, tensors, document
 
 
+def quarantine(directory: Path) -> Path:
+    """Move an unusable checkpoint aside as ``corrupt-<name>`` (kept for inspection)."""
+    target = directory.with_name(f"corrupt-{directory.name}")
+    remove_checkpoint(target)
+    os.replace(directory, target)
+    fsync_directory(directory.parent)
+    return target
+
+
 def rotate_training_states(maps: Maps, keep: int, protect: Iterable[Path] = ()) -> list[Path]:
     """Delete all but the newest ``keep`` states; never one in ``protect``. Returns the removed."""
     protected = {p.resolve() for p in protect}

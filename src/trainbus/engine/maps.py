@@ -217,6 +217,26 @@ class Maps:
         with target.open(encoding="utf-8", newline="") as stream:
             return list(csv.DictReader(stream, delimiter="\t"))
 
+    def count_rows(self, *parts: str) -> int:
+        """Data rows of a TSV file of the MAPS (0 if it does not exist)."""
+        return len(self.read_rows(*parts))
+
+    def truncate_rows(self, rows: int, *parts: str) -> int:
+        """Keep the header and the first ``rows`` data rows of a TSV file, atomically.
+
+        Used at a resume: rows written after the training state was saved are dropped, as
+        the resumed run writes them again. Returns how many rows were dropped.
+        """
+        target = self.file(*parts)
+        if not target.exists():
+            return 0
+        lines = target.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = lines[: rows + 1]
+        if len(kept) == len(lines):
+            return 0
+        self.write_bytes("".join(kept).encode("utf-8"), *parts)
+        return len(lines) - len(kept)
+
     def write_environment(self) -> Path:
         """Write ``environment.json``: Python, platform and every installed distribution."""
         return self.write_json(environment(), ENVIRONMENT_FILE)

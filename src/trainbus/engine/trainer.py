@@ -57,6 +57,7 @@ from trainbus.events.catalog import closest_names
 from trainbus.events.commands import (
     Request,
     SaveCheckpoint,
+    SaveTrainingState,
     SkipStep,
     Stop,
     merge,
@@ -79,8 +80,8 @@ class Trainer:
     - ``metrics``: ``{name: LossMetricConfig | torchmetrics.Metric | TorchMetricConfig}``;
       default ``{"loss": LossMetricConfig("loss")}``.
     - ``callbacks``: callbacks to add; an instance of a default callback's type replaces it.
-    - ``default_callbacks``: ``True`` (the defaults), ``False`` (none) or the default types
-      to keep.
+    - ``default_callbacks``: ``True`` (the defaults), ``False`` (none), the default types to
+      keep, or ``{DefaultType: False}`` to switch single defaults off.
     - ``max_epochs``, ``val_every_n_epochs``, ``log_every_n_batches``: loop lengths.
     - ``accumulate_grad_batches``: batches per optimizer step (a short last group is stepped
       too, with gradients rescaled to a mean over its batches).
@@ -110,7 +111,7 @@ class Trainer:
         compile: bool | Mapping[str, Any] = False,
         seed: int | None = None,
         deterministic: bool = False,
-        default_callbacks: bool | Iterable[type[Callback]] = True,
+        default_callbacks: bool | Iterable[type[Callback]] | Mapping[type[Callback], bool] = True,
         overwrite: bool = False,
     ) -> None:
         if not isinstance(model, Model):
@@ -579,7 +580,7 @@ class Trainer:
                     stopped_by=request.source,
                     stop_reason=request.command.reason or f"requested at {request.event}",
                 )
-            if isinstance(request.command, SaveCheckpoint):
+            if isinstance(request.command, SaveCheckpoint | SaveTrainingState):
                 self._pending.append(request)
         if self._calls:
             self._calls[-1]["requests"].extend(
@@ -745,6 +746,10 @@ class Trainer:
                 TrainbusWarning,
                 stacklevel=4,
             )
+        for newer in checkpoint.training_states(self.maps):
+            if newer.name > found.path.name:
+                # Passed over as unusable: moved aside, so rotation never counts it as kept.
+                checkpoint.quarantine(newer)
         self._calls[-1]["resumed_from"] = {
             "state": found.path.name,
             "epoch": document["state"]["current_epoch"],
@@ -986,7 +991,8 @@ def _deliver_exception(trainer: Trainer, error: BaseException) -> None:
 
 
 def _resolve_callbacks(
-    callbacks: Iterable[Callback] | None, defaults: bool | Iterable[type[Callback]]
+    callbacks: Iterable[Callback] | None,
+    defaults: bool | Iterable[type[Callback]] | Mapping[type[Callback], bool],
 ) -> list[Callback]:
     given: list[Any]
     if callbacks is None:
@@ -1012,6 +1018,16 @@ def _resolve_callbacks(
         chosen = _default_callbacks()
     elif defaults is False:
         chosen = []
+    elif isinstance(defaults, Mapping):
+        available = {type(c): c for c in _default_callbacks()}
+        unknown = [t for t in defaults if t not in available]
+        if unknown or not all(isinstance(v, bool) for v in defaults.values()):
+            raise ConfigurationError(
+                f"default_callbacks={defaults!r} must map default callback types to True or "
+                f"False, e.g. {{TrainingCheckpointCallback: False}}; the defaults are "
+                f"{[t.__name__ for t in available]}"
+            )
+        chosen = [c for t, c in available.items() if defaults.get(t, True)]
     elif isinstance(defaults, Iterable):
         wanted = list(defaults)
         available = {type(c): c for c in _default_callbacks()}

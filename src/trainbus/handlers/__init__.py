@@ -6,6 +6,7 @@ from trainbus.handlers.logger import LoggerCallback
 from trainbus.handlers.metrics_writer import MetricsWriterCallback
 from trainbus.handlers.model_checkpoint import ModelCheckpointCallback
 from trainbus.handlers.monitor import MonitorCallback
+from trainbus.handlers.training_checkpoint import TrainingCheckpointCallback
 
 __all__ = [
     "DEFAULT_TYPES",
@@ -14,5 +15,6 @@ __all__ = [
     "MetricsWriterCallback",
     "ModelCheckpointCallback",
     "MonitorCallback",
+    "TrainingCheckpointCallback",
     "default_callbacks",
 ]

@@ -7,15 +7,17 @@ from trainbus.handlers.logger import LoggerCallback
 from trainbus.handlers.metrics_writer import MetricsWriterCallback
 from trainbus.handlers.model_checkpoint import ModelCheckpointCallback
 from trainbus.handlers.monitor import MonitorCallback
+from trainbus.handlers.training_checkpoint import TrainingCheckpointCallback
 
 DEFAULT_TYPES: tuple[type[Callback], ...] = (
     LoggerCallback,
     MonitorCallback,
     MetricsWriterCallback,
     ModelCheckpointCallback,
+    TrainingCheckpointCallback,
 )
 
 
 def default_callbacks() -> list[Callback]:
     """Fresh instances of the default callbacks (an instance of the same type replaces one)."""
-    return [LoggerCallback(), MonitorCallback(), MetricsWriterCallback(), ModelCheckpointCallback()]
+    return [default() for default in DEFAULT_TYPES]

@@ -12,7 +12,10 @@ MONITOR_FIRST = 900
 DEFAULT = 0
 """User callbacks, early stopping, LR scheduling and the metrics writer."""
 CHECKPOINT = -500
-"""Model and training checkpoints at end-of-epoch events."""
+"""Model checkpoints at end-of-epoch events (after user handlers, early stopping, schedulers)."""
+TRAINING_CHECKPOINT = -800
+"""Training checkpoints: after every other handler but the monitor and the logger. The state
+itself is written by the Trainer once the event's dispatch is over, so it includes them too."""
 MONITOR_LAST = -900
 """Monitor at end events."""
 LAST = -1000

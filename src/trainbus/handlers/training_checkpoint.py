@@ -1,0 +1,109 @@
+"""TrainingCheckpointCallback: training states for an exact resume, rotated safely."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from trainbus.engine import checkpoint as checkpoints
+from trainbus.engine.maps import Maps
+from trainbus.engine.state import TrainerState
+from trainbus.errors import ConfigurationError
+from trainbus.events.callback import Callback
+from trainbus.events.commands import SaveTrainingState
+from trainbus.handlers import priorities
+
+
+class TrainingCheckpointCallback(Callback):
+    """Save everything an exact resume needs, under ``training/state-*/`` in the MAPS.
+
+    - ``every_n_epochs``: at the end of every n-th epoch (default 1; ``None`` for never).
+    - ``every_n_steps``: after every n-th optimizer step, in the middle of an epoch too
+      (default ``None``).
+    - ``save_on_train_end``: when training ends, stopped or not (default True).
+    - ``keep``: how many training states to keep (default 2). Older ones are deleted only
+      after a newer one is committed; the state a run resumed from is never deleted by it.
+
+    A training state holds the weights, optimizer, scaler and scheduler states, every random
+    generator, the loader position, the counters and every callback's ``state_dict``; it is
+    written by the Trainer after every other handler of the event has run, so the state it
+    saves is the state after the epoch (early-stopping counters included). Resume with
+    ``Trainer.from_maps(path, model).train(...)`` or ``trainer.train(..., resume=True)``.
+    """
+
+    priority = priorities.TRAINING_CHECKPOINT
+
+    def __init__(
+        self,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        *,
+        save_on_train_end: bool = True,
+        keep: int = 2,
+    ) -> None:
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and (type(value) is not int or value < 1):
+                raise ConfigurationError(
+                    f"TrainingCheckpointCallback: {name}={value!r} is not a positive integer "
+                    f"or None; pass e.g. {name}=1"
+                )
+        if not isinstance(save_on_train_end, bool):
+            raise ConfigurationError(
+                f"TrainingCheckpointCallback: save_on_train_end={save_on_train_end!r} is not a bool"
+            )
+        if type(keep) is not int or keep < 1:
+            raise ConfigurationError(
+                f"TrainingCheckpointCallback: keep={keep!r} is not a positive integer; at "
+                "least the newest training state must be kept"
+            )
+        if every_n_epochs is None and every_n_steps is None and not save_on_train_end:
+            raise ConfigurationError(
+                "TrainingCheckpointCallback would never save: every_n_epochs, every_n_steps "
+                "and save_on_train_end are all off; switch the callback off instead with "
+                "Trainer(default_callbacks={TrainingCheckpointCallback: False})"
+            )
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.save_on_train_end = save_on_train_end
+        self.keep = keep
+        self.last_step: int | None = None
+        self.last_boundary: int | None = None
+        self._resumed_from: Path | None = None
+
+    def on_batch_end(self, *, state: TrainerState) -> SaveTrainingState | None:
+        step = state.global_step
+        if self.every_n_steps is None or step == 0 or step % self.every_n_steps:
+            return None
+        if step == self.last_step:
+            return None  # with accumulation, several batches end at the same optimizer step
+        self.last_step = step
+        return SaveTrainingState(f"optimizer step {step}")
+
+    def on_epoch_end(self, *, state: TrainerState) -> SaveTrainingState | None:
+        if self.every_n_epochs is None or state.epoch_number % self.every_n_epochs:
+            return None
+        self.last_boundary = state.iteration
+        return SaveTrainingState(f"end of epoch {state.current_epoch}")
+
+    def on_train_end(self, *, state: TrainerState) -> SaveTrainingState | None:
+        if not self.save_on_train_end or self.last_boundary == state.iteration:
+            return None
+        self.last_boundary = state.iteration
+        return SaveTrainingState("end of training")
+
+    def on_resume(self, *, checkpoint: Path) -> None:
+        self._resumed_from = checkpoint
+
+    def on_checkpoint(self, *, maps: Maps, checkpoint: Path, kind: str) -> None:
+        if kind != "training":
+            return
+        protect = [checkpoint] if self._resumed_from is None else [checkpoint, self._resumed_from]
+        checkpoints.rotate_training_states(maps, self.keep, protect)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step, "last_boundary": self.last_boundary}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.last_step = state.get("last_step")
+        self.last_boundary = state.get("last_boundary")
