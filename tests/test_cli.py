@@ -92,6 +92,7 @@ def test_plan_prints_every_event_block_in_dispatch_order(
     order = [line.split()[1] for line in block.splitlines()[1:]]
     assert order == [
         "ModelCheckpointCallback.on_epoch_end",
+        "TrainingCheckpointCallback.on_epoch_end",
         "MonitorCallback.on_epoch_end",
         "LoggerCallback.on_epoch_end",
     ]

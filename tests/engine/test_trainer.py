@@ -623,7 +623,7 @@ def test_emit_with_a_wrong_payload_names_both_payloads(
             ConfigurationError,
             r"default_callbacks lists \[<class '.*EarlyStoppingCallback'>\], which are not "
             r"default callbacks; the defaults are \['LoggerCallback', 'MonitorCallback', "
-            r"'MetricsWriterCallback', 'ModelCheckpointCallback'\]",
+            r"'MetricsWriterCallback', 'ModelCheckpointCallback', 'TrainingCheckpointCallback'\]",
             id="not-a-default-callback",
         ),
         pytest.param(

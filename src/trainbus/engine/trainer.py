@@ -311,7 +311,7 @@ class Trainer:
             self._prepare_training()
             if found is not None:
                 self._restore(found, train_loader)
-            self._emit("train_start", optimizers=self.optimizers)
+            self._emit("train_start", optimizers=self.optimizers, bus=self.bus)
             if found is not None:
                 self._emit("resume", checkpoint=found.path)
             self._save_pending()

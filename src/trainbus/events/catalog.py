@@ -128,7 +128,12 @@ EVENTS: Mapping[str, EventSpec] = {
     spec.name: spec
     for spec in (
         _spec("trainer_init", "The Trainer is constructed and every subscriber registered."),
-        _spec("train_start", "train() begins, after optimizers are built.", ("optimizers",)),
+        _spec(
+            "train_start",
+            "train() begins, after optimizers are built; `bus` lets a handler read the "
+            "dispatch plan and per-subscriber accounting (the Monitor does).",
+            ("optimizers", "bus"),
+        ),
         _spec(
             "resume",
             "train(resume=True) restored the training state at `checkpoint`: weights, "
