@@ -1,0 +1,136 @@
+"""Exact resume across processes: an interrupted run, resumed in a new process, ends bit-identical.
+
+Each case trains the job of ``resume_job.py`` (dropout, a ``shuffle=True`` loader drawing from
+the global generator, AdamW, early stopping) in a subprocess, interrupts it (a completed
+shorter run, or SIGKILL at a chosen point), resumes it in a second subprocess with
+``Trainer.from_maps`` and compares everything with one uninterrupted run: weights, optimizer
+state, final counters, metric rows, training-loss rows and the early-stopping decision.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+JOB = Path(__file__).with_name("resume_job.py")
+EPOCHS = 8  # early stopping ends the uninterrupted run after epoch 6
+
+
+def run_job(maps: Path, out: Path, *arguments: str, expect_kill: bool = False) -> None:
+    completed = subprocess.run(
+        [sys.executable, str(JOB), str(maps), str(out), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if expect_kill:
+        assert completed.returncode == -signal.SIGKILL, completed.stderr[-3000:]
+        assert not out.exists()
+    else:
+        assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def outcome(maps: Path, out: Path) -> dict[str, Any]:
+    result = torch.load(out, weights_only=True)
+    calls = json.loads((maps / "maps.json").read_text())["calls"]
+    return {
+        "result": result,
+        "metrics": (maps / "metrics.tsv").read_text(),
+        "training_loss": (maps / "training_loss.tsv").read_text(),
+        "stop": calls[-1].get("stop"),
+        "calls": calls,
+    }
+
+
+def assert_same_training(expected: dict[str, Any], actual: dict[str, Any]) -> None:
+    for name, tensor in expected["result"]["model"].items():
+        assert torch.equal(tensor, actual["result"]["model"][name]), name
+    assert_same_nested(expected["result"]["optimizer"], actual["result"]["optimizer"])
+    assert expected["result"]["state"] == actual["result"]["state"]
+    assert expected["metrics"] == actual["metrics"]
+    assert expected["training_loss"] == actual["training_loss"]
+    assert expected["stop"] == actual["stop"]
+
+
+def assert_same_nested(expected: Any, actual: Any) -> None:
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(expected, actual)
+    elif isinstance(expected, dict):
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            assert_same_nested(expected[key], actual[key])
+    elif isinstance(expected, list | tuple):
+        assert len(expected) == len(actual)
+        for left, right in zip(expected, actual, strict=True):
+            assert_same_nested(left, right)
+    else:
+        assert expected == actual
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("straight")
+    run_job(root / "maps", root / "out.pt", "--epochs", str(EPOCHS))
+    result = outcome(root / "maps", root / "out.pt")
+    assert result["stop"] is not None, "the reference run must stop early"
+    assert result["result"]["state"]["current_epoch"] < EPOCHS - 1
+    return result
+
+
+STEPS_4 = ("--every-n-steps", "4")
+INTERRUPTIONS: dict[str, tuple[tuple[str, ...], bool, tuple[str, ...]]] = {
+    # case: (arguments of the interrupted run, killed?, extra arguments of the resumed run)
+    "after-2-complete-epochs": (("--epochs", "2"), False, ()),
+    "sigkill-mid-epoch": (("--kill-at-iteration", "13", *STEPS_4), True, STEPS_4),
+    "sigkill-in-validation": (("--kill-in-validation", "2", *STEPS_4), True, STEPS_4),
+    "sigkill-after-last-batch-state": (
+        ("--kill-in-validation", "2", "--every-n-steps", "9"),
+        True,
+        ("--every-n-steps", "9"),
+    ),
+    "sigkill-with-worker-processes": (
+        ("--kill-at-iteration", "31", "--every-n-steps", "5", "--workers", "2"),
+        True,
+        ("--every-n-steps", "5", "--workers", "2"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INTERRUPTIONS))
+def test_resume_in_a_new_process_is_bit_identical(
+    case: str, uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    interrupted, killed, resumed_with = INTERRUPTIONS[case]
+    maps, out = tmp_path / "maps", tmp_path / "out.pt"
+    run_job(maps, out, *interrupted, expect_kill=killed)
+    if not killed:
+        out.unlink()
+    run_job(maps, out, "--resume", "--epochs", str(EPOCHS), *resumed_with)
+    resumed = outcome(maps, out)
+    assert_same_training(uninterrupted, resumed)
+    resume_record = resumed["calls"][-1]["resumed_from"]
+    assert resume_record["skipped"] == []
+    assert resume_record["state"].startswith("state-")
+
+
+def test_a_killed_run_leaves_rows_that_the_resume_rewrites_once(
+    uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    maps, out = tmp_path / "maps", tmp_path / "out.pt"
+    # Killed at iteration 22: rows for iterations 20 (loss) were written after the state at 16.
+    run_job(maps, out, "--kill-at-iteration", "22", "--every-n-steps", "8", expect_kill=True)
+    rows_before = (maps / "training_loss.tsv").read_text().splitlines()
+    assert any(line.split("\t")[2] == "20" for line in rows_before[1:])
+    run_job(maps, out, "--resume", "--epochs", str(EPOCHS), "--every-n-steps", "8")
+    rows = (maps / "training_loss.tsv").read_text().splitlines()
+    iterations = [int(line.split("\t")[2]) for line in rows[1:]]
+    assert iterations == sorted(set(iterations))
+    assert uninterrupted["training_loss"] == (maps / "training_loss.tsv").read_text()
