@@ -20,6 +20,7 @@ by index, so its first batches are produced and discarded.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 from trainbus.errors import CheckpointError
 
 RandomStates = dict[str, Any]
+
+_END = object()
 
 
 def capture_random_states() -> RandomStates:
@@ -160,7 +163,10 @@ class _SkipFirst(Sampler[Any]):
         iterator = iter(self.inner)
         for _ in range(self.skip):
             next(iterator, None)
-        self._primed = iterator
+        # Samplers are generators: their permutation is drawn at the first item, so one item
+        # is taken now (an index, not a sample) and put back in front.
+        following = next(iterator, _END)
+        self._primed = iterator if following is _END else itertools.chain([following], iterator)
 
     def __iter__(self) -> Iterator[Any]:
         # A generator, like torch's samplers: nothing is drawn before the first item is asked.
@@ -201,9 +207,6 @@ def resumed_iterator(loader: Iterable[Any], start: EpochStart, skip: int) -> Ite
     iterator = iter(replica)
     skipper.prime()  # single-process iterators draw lazily; the straight run drew here
     return iterator
-
-
-_END = object()
 
 
 def _replica(loader: DataLoader[Any], **changes: Any) -> DataLoader[Any]:
