@@ -358,10 +358,12 @@ def load_training_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     try:
         tensors = torch.load(trainer_file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        offending = next((line for line in lines if "GLOBAL" in line), lines[-1] if lines else "")
         raise CheckpointError(
-            f"refused to load {trainer_file}: it holds objects a weights-only load does not "
-            f"allow ({exc}); a training state written by trainbus never does, so the file "
-            "was not written by trainbus or was tampered with"
+            f"refused to load {trainer_file}: {offending} A training state written by "
+            "trainbus holds only tensors and plain values, so this file was not written by "
+            "trainbus or was tampered with; do not load it with weights_only=False"
         ) from exc
     document = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     return weights, tensors, document

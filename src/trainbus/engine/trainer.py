@@ -690,8 +690,12 @@ class Trainer:
                 "TrainingCheckpointCallback switched off, or did the run stop before its first "
                 "save?); pass overwrite=True to train again from scratch"
             )
-        for skipped in found.skipped:
-            warnings.warn(f"resume passed over {skipped}", TrainbusWarning, stacklevel=3)
+        if found.skipped:
+            warnings.warn(
+                f"resuming from {found.path.name}; passed over: " + "; ".join(found.skipped),
+                TrainbusWarning,
+                stacklevel=3,
+            )
         return found
 
     def _restore(self, found: checkpoint.FoundState, loader: Iterable[Any]) -> None:
