@@ -285,7 +285,7 @@ def test_overwrite_replaces_a_previous_trainbus_maps(tmp_path: Path) -> None:
     (path / "stale.txt").write_text("from the old run")
     # An existing MAPS may be resumed, so the Trainer is built; the first call refuses it.
     again = Trainer(path, make_model(), default_callbacks=False, max_epochs=1)
-    with pytest.raises(MapsExistsError, match="overwrite=True .*resume=True"):
+    with pytest.raises(MapsExistsError, match=r"overwrite=True .*resume=True"):
         again.train(make_loader())
     assert (path / "stale.txt").read_text() == "from the old run"
     trainer = Trainer(path, make_model(), default_callbacks=False, max_epochs=1, overwrite=True)
