@@ -200,6 +200,12 @@ def test_from_maps_reuses_the_recorded_settings_and_accepts_overrides(maps_path:
     assert calls[-1]["resumed_from"]["state"] == "state-0000000012-epoch-end"
 
 
+def test_from_maps_keeps_the_default_callbacks_the_run_had(maps_path: Path) -> None:
+    trained(maps_path, epochs=1)
+    trainer = Trainer.from_maps(maps_path, make_model(), callbacks=[TrainingCheckpointCallback()])
+    assert [type(c) for c in trainer.callbacks] == [TrainingCheckpointCallback]
+
+
 def test_from_maps_refuses_a_directory_that_is_not_a_maps(tmp_path: Path) -> None:
     with pytest.raises(MapsError, match="not a trainbus MAPS"):
         Trainer.from_maps(tmp_path, make_model())

@@ -63,6 +63,7 @@ from trainbus.events.commands import (
     merge,
 )
 from trainbus.events.marker import Mark, OnError, Predicate, add_mark
+from trainbus.handlers.defaults import DEFAULT_TYPES
 from trainbus.handlers.defaults import default_callbacks as _default_callbacks
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -159,7 +160,12 @@ class Trainer:
         self.model = model
         self.metrics: dict[str, BoundMetric] = bind_metrics(metrics)
         self.bus = EventBus()
+        if not isinstance(default_callbacks, bool | Mapping) and isinstance(
+            default_callbacks, Iterable
+        ):
+            default_callbacks = list(default_callbacks)
         self.callbacks: list[Callback] = _resolve_callbacks(callbacks, default_callbacks)
+        self._defaults_kept = [t.__name__ for t in _kept_defaults(default_callbacks)]
         self.optimizers: list[torch.optim.Optimizer] = []
         self.scaler: torch.amp.GradScaler | None = None
         self._state = StateKeeper(max_epochs=self.max_epochs)
@@ -214,6 +220,10 @@ class Trainer:
         reused = {key: settings[key] for key in _REUSED_SETTINGS if key in settings}
         if reused.get("compile") is None:
             reused.pop("compile", None)
+        if isinstance(settings.get("default_callbacks"), list):
+            by_name = {t.__name__: t for t in DEFAULT_TYPES}
+            kept = settings["default_callbacks"]
+            reused["default_callbacks"] = [by_name[name] for name in kept if name in by_name]
         if recorded.get("seed") is not None:
             reused["seed"] = recorded["seed"]
         trainer = cls(handle, model, metrics, callbacks, **{**reused, **overrides})
@@ -926,6 +936,7 @@ class Trainer:
             "precision": self.precision.name,
             "compile": self.compile_options,
             "deterministic": self.deterministic,
+            "default_callbacks": self._defaults_kept,
         }
 
     def _check_metric_names(self, callback: Callback) -> None:
@@ -1018,34 +1029,8 @@ def _resolve_callbacks(
                 f"callbacks[{index}] is {callback!r}, not a trainbus Callback{hint}; subclass "
                 "trainbus.Callback, or subscribe a function with @trainer.on(event)"
             )
-    if defaults is True:
-        chosen = _default_callbacks()
-    elif defaults is False:
-        chosen = []
-    elif isinstance(defaults, Mapping):
-        available = {type(c): c for c in _default_callbacks()}
-        unknown = [t for t in defaults if t not in available]
-        if unknown or not all(isinstance(v, bool) for v in defaults.values()):
-            raise ConfigurationError(
-                f"default_callbacks={defaults!r} must map default callback types to True or "
-                f"False, e.g. {{TrainingCheckpointCallback: False}}; the defaults are "
-                f"{[t.__name__ for t in available]}"
-            )
-        chosen = [c for t, c in available.items() if defaults.get(t, True)]
-    elif isinstance(defaults, Iterable):
-        wanted = list(defaults)
-        available = {type(c): c for c in _default_callbacks()}
-        unknown = [t for t in wanted if t not in available]
-        if unknown:
-            raise ConfigurationError(
-                f"default_callbacks lists {unknown}, which are not default callbacks; the "
-                f"defaults are {[t.__name__ for t in available]}"
-            )
-        chosen = [available[t] for t in wanted]
-    else:
-        raise ConfigurationTypeError(
-            f"default_callbacks={defaults!r} is not a bool or a list of default callback types"
-        )
+    kept = _kept_defaults(defaults)
+    chosen = [c for c in _default_callbacks() if type(c) in kept]
     given_types = {type(c) for c in given}
     resolved = [c for c in chosen if type(c) not in given_types] + given
     counts: dict[str, int] = {}
@@ -1110,6 +1095,38 @@ def _reliable_length(loader: Iterable[Any]) -> int | None:
     ):
         return None
     return _length(loader)
+
+
+def _kept_defaults(
+    defaults: bool | Iterable[type[Callback]] | Mapping[type[Callback], bool],
+) -> list[type[Callback]]:
+    """The default callback types that ``default_callbacks`` keeps (validated)."""
+    names = [t.__name__ for t in DEFAULT_TYPES]
+    if defaults is True:
+        return list(DEFAULT_TYPES)
+    if defaults is False:
+        return []
+    if isinstance(defaults, Mapping):
+        unknown = [t for t in defaults if t not in DEFAULT_TYPES]
+        if unknown or not all(isinstance(v, bool) for v in defaults.values()):
+            raise ConfigurationError(
+                f"default_callbacks={defaults!r} must map default callback types to True or "
+                f"False, e.g. {{TrainingCheckpointCallback: False}}; the defaults are {names}"
+            )
+        return [t for t in DEFAULT_TYPES if defaults.get(t, True)]
+    if isinstance(defaults, Iterable):
+        wanted = list(defaults)
+        unknown = [t for t in wanted if t not in DEFAULT_TYPES]
+        if unknown:
+            raise ConfigurationError(
+                f"default_callbacks lists {unknown}, which are not default callbacks; the "
+                f"defaults are {names}"
+            )
+        return [t for t in DEFAULT_TYPES if t in wanted]
+    raise ConfigurationTypeError(
+        f"default_callbacks={defaults!r} is not a bool, a list of default callback types or "
+        "a {type: bool} mapping"
+    )
 
 
 def _source_of(callback: Callback) -> str:
