@@ -252,3 +252,36 @@ def test_an_exception_sends_exception_then_teardown(tmp_path: Path) -> None:
     assert recorder.names[-2:] == ["exception", "teardown"]
     before_failure = recorder.sequence().rsplit("exception ", 1)[0]
     assert before_failure == "train_start epoch_start batch_start forward_start "
+
+
+def test_a_resume_in_the_middle_of_an_epoch_follows_the_map(tmp_path: Path) -> None:
+    from trainbus import TrainingCheckpointCallback
+
+    class InterruptionError(Exception):
+        pass
+
+    first = Trainer(
+        tmp_path / "maps",
+        make_model(),
+        callbacks=[TrainingCheckpointCallback(every_n_steps=4)],
+        default_callbacks=False,
+        max_epochs=2,
+    )
+
+    @first.on("checkpoint")
+    def interrupt(*, kind: str) -> None:
+        if kind == "training":
+            raise InterruptionError
+
+    with pytest.raises(InterruptionError):
+        first.train(make_loader())
+    trainer = Trainer.from_maps(
+        tmp_path / "maps", make_model(), callbacks=[TrainingCheckpointCallback(every_n_steps=4)]
+    )
+    recorder = Recorder(trainer)
+    trainer.train(make_loader(), make_loader(samples=16))
+    assert_matches("train", recorder)
+    names = recorder.names
+    assert names[:3] == ["train_start", "resume", "batch_start"]
+    assert names.count("epoch_start") == 1
+    assert names.count("batch_start") == 2 + 6

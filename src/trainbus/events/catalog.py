@@ -15,7 +15,7 @@ times, ``repeat`` blocks run any number of times, ``optionally`` blocks at most 
         train_start
         resume?                                when a training state was restored
         repeat for each epoch:
-            epoch_start                        not repeated for an epoch resumed in its middle
+            epoch_start?                       not repeated for an epoch resumed in its middle
             repeat for each training batch:
                 batch_start                    SkipStep here skips the rest of the batch
                 optionally, unless the batch was skipped:
