@@ -30,6 +30,7 @@ from trainbus.events import (
 from trainbus.handlers import (
     EarlyStoppingCallback,
     LoggerCallback,
+    LRSchedulerCallback,
     MetricsWriterCallback,
     ModelCheckpointCallback,
     MonitorCallback,
@@ -47,6 +48,7 @@ __all__ = [
     "EarlyStoppingCallback",
     "EventBus",
     "EventSpec",
+    "LRSchedulerCallback",
     "LoggerCallback",
     "LossMetricConfig",
     "Maps",

@@ -3,6 +3,7 @@
 from trainbus.handlers.defaults import DEFAULT_TYPES, default_callbacks
 from trainbus.handlers.early_stopping import EarlyStoppingCallback
 from trainbus.handlers.logger import LoggerCallback
+from trainbus.handlers.lr_scheduler import LRSchedulerCallback
 from trainbus.handlers.metrics_writer import MetricsWriterCallback
 from trainbus.handlers.model_checkpoint import ModelCheckpointCallback
 from trainbus.handlers.monitor import MonitorCallback
@@ -11,6 +12,7 @@ from trainbus.handlers.training_checkpoint import TrainingCheckpointCallback
 __all__ = [
     "DEFAULT_TYPES",
     "EarlyStoppingCallback",
+    "LRSchedulerCallback",
     "LoggerCallback",
     "MetricsWriterCallback",
     "ModelCheckpointCallback",
