@@ -612,13 +612,6 @@ class Trainer:
             return
         decision = merge(self._pending)
         self._pending = []
-        if decision.training_state is not None:
-            if self._open_group:
-                # Mid accumulation group: the gradients are not part of a training state, so
-                # it is written once the group's optimizer step is done.
-                self._pending.append(decision.training_state)
-            else:
-                self._write_training_state(decision.training_state)
         for request in decision.saves:
             command = request.command
             assert isinstance(command, SaveCheckpoint)
@@ -638,6 +631,15 @@ class Trainer:
                 },
             )
             self._emit("checkpoint", checkpoint=path, tag=command.tag, kind="weights")
+        # The training state goes last, so it includes what handlers of the weights'
+        # `checkpoint` events recorded (e.g. where the best weights are).
+        if decision.training_state is not None:
+            if self._open_group:
+                # Mid accumulation group: the gradients are not part of a training state, so
+                # it is written once the group's optimizer step is done.
+                self._pending.append(decision.training_state)
+            else:
+                self._write_training_state(decision.training_state)
 
     def _write_training_state(self, request: Request) -> None:
         snapshot = self._state.snapshot()
