@@ -79,6 +79,7 @@ def test_maps_json_records_versions_seed_and_trainer_configuration(
         "precision": "32",
         "compile": None,
         "deterministic": False,
+        "default_callbacks": ["MetricsWriterCallback"],
     }
 
 

@@ -1,20 +1,46 @@
-"""MonitorCallback: wall time per phase, throughput and memory, written to ``monitor.json``."""
+"""MonitorCallback: where the time of a training run goes, and what it costs in memory.
+
+Written to ``monitor.json`` at the end of training (and, optionally, printed as a table)::
+
+    {
+      "total_seconds": ..., "train_seconds": ..., "validation_seconds": ...,
+      "data_seconds": ..., "compute_seconds": ..., "checkpoint_seconds": ...,
+      "other_seconds": ..., "batches": ..., "samples": ..., "samples_per_second": ...,
+      "resumes": 0,
+      "memory": {"rss_bytes": ..., "peak_rss_bytes": ..., "peak_cuda_allocated_bytes": ...},
+      "gpu": {"available": false, "reason": "..."} or {"available": true, ...},
+      "subscribers": {"sample_every": 10, "rows": [{"id", "event", "calls", ...}, ...]},
+      "epochs": [{"epoch": 0, "train_seconds": ..., ...}, ...]
+    }
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import sys
 import time
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
 
 import torch
 
 from trainbus.engine.maps import Maps
 from trainbus.engine.state import TrainerState
+from trainbus.errors import ConfigurationError, ConfigurationTypeError
+from trainbus.events.bus import EventBus
 from trainbus.events.callback import Callback
 from trainbus.handlers import priorities
+from trainbus.handlers.gpu import GpuReading, NvmlReader, nvml_device, visible_devices
 
 MONITOR_FILE = "monitor.json"
+TOP_SUBSCRIBERS = 10
+"""Subscribers shown in the printed table (``monitor.json`` lists every one that ran)."""
+
+_CPU_MODEL = "the model's parameters are not on a CUDA device"
+_GPU_OFF = "GPU statistics are switched off (gpu=False)"
 
 
 def peak_rss_bytes() -> int:
@@ -23,77 +49,673 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-class MonitorCallback(Callback):
-    """Record computational statistics of training: time, throughput and memory per epoch.
+def current_rss_bytes() -> int | None:
+    """Resident memory of this process now, from ``/proc/self/statm``; None where absent."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            resident_pages = int(statm.read().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
-    Per epoch: training and validation wall time, samples per second, peak process memory,
-    and peak CUDA memory when training on a GPU. Written to ``monitor.json`` at the end of
-    training. Timing uses host clocks only: no host-device sync.
+
+@dataclass(slots=True)
+class _GpuStats:
+    """NVML readings folded into peaks and sums (one per epoch)."""
+
+    readings: int = 0
+    peak_memory_used_bytes: int = 0
+    memory_total_bytes: int = 0
+    utilization_readings: int = 0
+    utilization_sum: float = 0.0
+    max_utilization_percent: int | None = None
+
+    def add(self, reading: GpuReading) -> None:
+        self.readings += 1
+        self.peak_memory_used_bytes = max(self.peak_memory_used_bytes, reading.memory_used_bytes)
+        self.memory_total_bytes = reading.memory_total_bytes
+        if reading.utilization_percent is not None:
+            self.utilization_readings += 1
+            self.utilization_sum += reading.utilization_percent
+            self.max_utilization_percent = max(
+                self.max_utilization_percent or 0, reading.utilization_percent
+            )
+
+    def merge(self, summary: Mapping[str, Any]) -> None:
+        """Fold in an epoch's :meth:`as_dict` (means weighted by their readings)."""
+        self.readings += int(summary["readings"])
+        self.peak_memory_used_bytes = max(
+            self.peak_memory_used_bytes, int(summary["peak_memory_used_bytes"])
+        )
+        self.memory_total_bytes = int(summary["memory_total_bytes"]) or self.memory_total_bytes
+        mean = summary["mean_utilization_percent"]
+        if mean is not None:
+            count = int(summary["utilization_readings"])
+            self.utilization_readings += count
+            self.utilization_sum += float(mean) * count
+            self.max_utilization_percent = max(
+                self.max_utilization_percent or 0, int(summary["max_utilization_percent"])
+            )
+
+    @classmethod
+    def restored(cls, saved: Mapping[str, Any]) -> _GpuStats:
+        maximum = saved["max_utilization_percent"]
+        return cls(
+            readings=int(saved["readings"]),
+            peak_memory_used_bytes=int(saved["peak_memory_used_bytes"]),
+            memory_total_bytes=int(saved["memory_total_bytes"]),
+            utilization_readings=int(saved["utilization_readings"]),
+            utilization_sum=float(saved["utilization_sum"]),
+            max_utilization_percent=None if maximum is None else int(maximum),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "readings": self.readings,
+            "utilization_readings": self.utilization_readings,
+            "peak_memory_used_bytes": self.peak_memory_used_bytes,
+            "memory_total_bytes": self.memory_total_bytes,
+            "mean_utilization_percent": (
+                self.utilization_sum / self.utilization_readings
+                if self.utilization_readings
+                else None
+            ),
+            "max_utilization_percent": self.max_utilization_percent,
+        }
+
+
+@dataclass(slots=True)
+class _Epoch:
+    """Accumulators of the running epoch; durations only, so they survive a new process."""
+
+    epoch: int
+    samples_at_start: int
+    started: float
+    carried_seconds: float = 0.0
+    validation_seconds: float = 0.0
+    data_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+    batches: int = 0
+    resumed: bool = False
+    gpu: _GpuStats | None = None
+    validation_started: float | None = None
+
+    def elapsed(self, now: float) -> float:
+        return self.carried_seconds + now - self.started
+
+    def saved(self, now: float) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "samples_at_start": self.samples_at_start,
+            "carried_seconds": self.elapsed(now),
+            "validation_seconds": self.validation_seconds,
+            "data_seconds": self.data_seconds,
+            "compute_seconds": self.compute_seconds,
+            "checkpoint_seconds": self.checkpoint_seconds,
+            "batches": self.batches,
+            "gpu": None if self.gpu is None else asdict(self.gpu),
+        }
+
+
+@dataclass(slots=True)
+class _SubscriberTotals:
+    calls: int = 0
+    timed_calls: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class _Run:
+    """What one ``train()`` call in this process measures."""
+
+    started: float
+    bus: EventBus
+    baseline: dict[tuple[str, str], _SubscriberTotals] = field(default_factory=dict)
+    cuda_device: torch.device | None = None
+    reader: NvmlReader | None = None
+    gpu_reason: str | None = None
+    ended: float | None = None
+    final_totals: dict[tuple[str, str], _SubscriberTotals] | None = None
+
+    def seconds(self, now: float) -> float:
+        return (self.ended if self.ended is not None else now) - self.started
+
+
+class MonitorCallback(Callback):
+    """Record where training time goes, its throughput, memory and the cost of each subscriber.
+
+    Measured with host clocks (``time.perf_counter``), never with a host-device sync:
+
+    - wall time per epoch and in total: training, validation, and the rest (setup, saves at
+      epoch ends);
+    - inside training, *waiting for data* (from the previous ``batch_end``, or from
+      ``epoch_start``, to ``batch_start``), *compute* (``batch_start`` to ``batch_end``,
+      every handler of the batch included) and checkpoint writes between batches. Compute
+      time is host-side: on a GPU the host queues kernels and runs ahead of them, and the
+      device catches up at sync points (the loss read at log intervals, an ``.item()``, a
+      copy to the host), so device work is counted where the host waits for it. Summed over
+      an epoch the split is meaningful; the time of a single batch is not;
+    - throughput (training samples per second of training time, from ``state.samples_seen``);
+    - process memory: resident memory now (``/proc/self/statm``, None where it does not
+      exist) and the peak (``ru_maxrss``); on CUDA also the peak of torch's allocator per
+      epoch;
+    - GPU memory used and utilisation through NVML (``nvidia-ml-py``), read at log intervals
+      (``loss_logged``) and at epoch ends only;
+    - per subscriber of every event: calls during ``train()``, mean time per call (the bus
+      times one dispatch in ``time_subscribers`` of each event, so an event that fired fewer
+      times has no mean) and the estimated total (mean times calls).
+
+    Arguments:
+
+    - ``time_subscribers``: time one dispatch in this many per event; ``0`` or ``None``
+      switches subscriber timing off (calls are still counted).
+    - ``gpu``: ``None`` reads NVML when the model's parameters are on CUDA, ``True`` always
+      (one notice line on ``stream`` when NVML or the GPU is absent), ``False`` never.
+    - ``table``: print a summary table to ``stream`` at the end of training.
+    - ``stream``: where the table and the notice go (default ``sys.stderr``, looked up when
+      printing).
+
+    Everything lands in ``monitor.json`` at ``train_end`` (a run that raises writes none).
+    The per-epoch records, the running epoch's accumulators and the subscriber totals are
+    part of the training state, so after a resume the file covers the whole training, and
+    ``resumes`` counts the restarts.
     """
 
     priorities = priorities.framing(priorities.MONITOR_FIRST, priorities.MONITOR_LAST)
     rank_zero_only = True
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        time_subscribers: int | None = 10,
+        gpu: bool | None = None,
+        table: bool = True,
+        stream: IO[str] | None = None,
+    ) -> None:
+        if time_subscribers is not None and type(time_subscribers) is not int:
+            raise ConfigurationTypeError(
+                f"MonitorCallback: time_subscribers={time_subscribers!r} is not an int; pass "
+                "the number of dispatches per timed one (e.g. 10), or 0 or None for no timing"
+            )
+        if time_subscribers is not None and time_subscribers < 0:
+            raise ConfigurationError(
+                f"MonitorCallback: time_subscribers={time_subscribers!r} is negative; pass "
+                "the number of dispatches per timed one (e.g. 10), or 0 or None for no timing"
+            )
+        if gpu is not None and not isinstance(gpu, bool):
+            raise ConfigurationTypeError(
+                f"MonitorCallback: gpu={gpu!r} is not True, False or None; None reads the GPU "
+                "when the model is on CUDA"
+            )
+        if not isinstance(table, bool):
+            raise ConfigurationTypeError(f"MonitorCallback: table={table!r} is not a bool")
+        if stream is not None and not callable(getattr(stream, "write", None)):
+            raise ConfigurationTypeError(
+                f"MonitorCallback: stream={stream!r} has no write() method; pass a text "
+                "stream such as sys.stdout or io.StringIO(), or None for sys.stderr"
+            )
+        self.time_subscribers = time_subscribers or 0
+        self.gpu = gpu
+        self.table = table
+        self._stream = stream
         self.epochs: list[dict[str, Any]] = []
-        self._train_started = 0.0
-        self._epoch_started = 0.0
-        self._validation_started = 0.0
-        self._validation_seconds = 0.0
-        self._samples_at_epoch_start = 0
+        self._epoch: _Epoch | None = None
+        self._run: _Run | None = None
+        self._restored = False
+        self._prior_seconds = 0.0
+        self._prior_subscribers: dict[tuple[str, str], _SubscriberTotals] = {}
+        self._resumes = 0
+        self._mark = 0.0
+        self._batch_started = 0.0
 
-    def on_train_start(self, *, model: torch.nn.Module) -> None:
-        self._train_started = time.perf_counter()
-        if _on_cuda(model):
-            torch.cuda.reset_peak_memory_stats()
-
-    def on_epoch_start(self, *, state: TrainerState) -> None:
-        self._epoch_started = time.perf_counter()
-        self._validation_seconds = 0.0
-        self._samples_at_epoch_start = state.samples_seen
-
-    def on_validation_start(self) -> None:
-        self._validation_started = time.perf_counter()
-
-    def on_validation_end(self) -> None:
-        self._validation_seconds += time.perf_counter() - self._validation_started
-
-    def on_epoch_end(self, *, state: TrainerState, model: torch.nn.Module) -> None:
-        total = time.perf_counter() - self._epoch_started
-        training = total - self._validation_seconds
-        samples = state.samples_seen - self._samples_at_epoch_start
-        record: dict[str, Any] = {
-            "epoch": state.current_epoch,
-            "train_seconds": round(training, 6),
-            "validation_seconds": round(self._validation_seconds, 6),
-            "samples": samples,
-            "samples_per_second": round(samples / training, 3) if training > 0 else None,
-            "peak_rss_bytes": peak_rss_bytes(),
-        }
-        if _on_cuda(model):
-            record["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
-        self.epochs.append(record)
-
-    def on_train_end(self, *, maps: Maps, state: TrainerState) -> None:
-        seconds = time.perf_counter() - self._train_started
-        train_seconds = sum(e["train_seconds"] for e in self.epochs)
-        samples = sum(e["samples"] for e in self.epochs)
-        maps.write_json(
-            {
-                "total_seconds": round(seconds, 6),
-                "train_seconds": round(train_seconds, 6),
-                "validation_seconds": round(sum(e["validation_seconds"] for e in self.epochs), 6),
-                "samples": samples,
-                "samples_per_second": round(samples / train_seconds, 3) if train_seconds else None,
-                "epochs": self.epochs,
-            },
-            MONITOR_FILE,
-        )
+    @property
+    def stream(self) -> IO[str]:
+        """Where the table and notices go (resolved late, so redirections apply)."""
+        return self._stream if self._stream is not None else sys.stderr
 
     def config(self) -> dict[str, Any]:
-        return {}
+        return {"time_subscribers": self.time_subscribers, "gpu": self.gpu, "table": self.table}
+
+    # ---------------------------------------------------------------- start
+    def on_train_start(self, *, model: torch.nn.Module, bus: EventBus) -> None:
+        now = time.perf_counter()
+        if not self._restored:
+            self.epochs = []
+            self._epoch = None
+            self._prior_seconds = 0.0
+            self._prior_subscribers = {}
+            self._resumes = 0
+        self._restored = False
+        run = _Run(started=now, bus=bus, baseline=_totals(bus, skip_event="train_start"))
+        run.cuda_device = _cuda_device(model)
+        if run.cuda_device is not None:
+            torch.cuda.reset_peak_memory_stats(run.cuda_device)
+        self._run = run
+        self._mark = now
+        bus.measure_time(self.time_subscribers)
+        self._open_gpu(run)
+
+    def on_resume(self) -> None:
+        # perf_counter values of the interrupted process mean nothing here: restart the clocks.
+        now = time.perf_counter()
+        self._resumes += 1
+        if self._run is not None:
+            self._run.started = now
+        if self._epoch is not None:
+            self._epoch.started = now
+            self._epoch.resumed = True
+        self._mark = now
+
+    def on_epoch_start(self, *, state: TrainerState) -> None:
+        now = time.perf_counter()
+        self._epoch = _Epoch(
+            epoch=state.current_epoch,
+            samples_at_start=state.samples_seen,
+            started=now,
+            gpu=_GpuStats() if self._reading_gpu() else None,
+        )
+        run = self._run
+        if run is not None and run.cuda_device is not None:
+            torch.cuda.reset_peak_memory_stats(run.cuda_device)
+        self._mark = now
+
+    # ------------------------------------------------------------ per batch
+    def on_batch_start(self) -> None:
+        now = time.perf_counter()
+        epoch = self._epoch
+        if epoch is not None:
+            epoch.data_seconds += now - self._mark
+        self._batch_started = now
+
+    def on_batch_end(self) -> None:
+        now = time.perf_counter()
+        epoch = self._epoch
+        if epoch is not None:
+            epoch.compute_seconds += now - self._batch_started
+            epoch.batches += 1
+        self._mark = now
+
+    def on_checkpoint(self, *, state: TrainerState) -> None:
+        now = time.perf_counter()
+        epoch = self._epoch
+        if epoch is not None and state.stage == "train" and epoch.validation_started is None:
+            # Saves asked at batch_end run between that batch and the next: not data loading.
+            epoch.checkpoint_seconds += now - self._mark
+        self._mark = now
+
+    def on_loss_logged(self) -> None:
+        self._read_gpu()
+
+    # ----------------------------------------------------------- validation
+    def on_validation_start(self) -> None:
+        if self._epoch is not None:
+            self._epoch.validation_started = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        epoch = self._epoch
+        if epoch is not None and epoch.validation_started is not None:
+            epoch.validation_seconds += time.perf_counter() - epoch.validation_started
+            epoch.validation_started = None
+
+    # ------------------------------------------------------------------ end
+    def on_epoch_end(self, *, state: TrainerState) -> None:
+        now = time.perf_counter()
+        epoch = self._epoch
+        if epoch is None:
+            return
+        self._read_gpu()
+        training = epoch.elapsed(now) - epoch.validation_seconds
+        samples = state.samples_seen - epoch.samples_at_start
+        rss, peak_rss = _memory()
+        record: dict[str, Any] = {
+            "epoch": epoch.epoch,
+            "train_seconds": round(training, 6),
+            "validation_seconds": round(epoch.validation_seconds, 6),
+            "data_seconds": round(epoch.data_seconds, 6),
+            "compute_seconds": round(epoch.compute_seconds, 6),
+            "checkpoint_seconds": round(epoch.checkpoint_seconds, 6),
+            "batches": epoch.batches,
+            "samples": samples,
+            "samples_per_second": round(samples / training, 3) if training > 0 else None,
+            "rss_bytes": rss,
+            "peak_rss_bytes": peak_rss,
+            "resumed": epoch.resumed,
+            "gpu": None if epoch.gpu is None else epoch.gpu.as_dict(),
+        }
+        run = self._run
+        if run is not None and run.cuda_device is not None:
+            # Allocator statistics live on the host: no device sync.
+            record["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated(run.cuda_device)
+        self.epochs.append(record)
+        self._epoch = None
+
+    def on_train_end(self, *, maps: Maps) -> None:
+        report = self.report()
+        maps.write_json(report, MONITOR_FILE)
+        if self.table:
+            self._print(format_report(report))
+
+    def on_teardown(self) -> None:
+        run = self._run
+        if run is None or run.ended is not None:
+            return
+        # Frozen here: later validate()/test() calls on the same bus are not part of training.
+        run.final_totals = self._subscriber_totals()
+        run.ended = time.perf_counter()
+        run.bus.measure_time(0)
+        if run.reader is not None:
+            run.reader.close()
+
+    # --------------------------------------------------------------- report
+    def report(self) -> dict[str, Any]:
+        """Everything measured so far, as written to ``monitor.json``."""
+        now = time.perf_counter()
+        run = self._run
+        total = self._prior_seconds + (run.seconds(now) if run is not None else 0.0)
+        epochs = self.epochs
+
+        def summed(key: str) -> float:
+            return round(sum(float(entry[key]) for entry in epochs), 6)
+
+        train_seconds = summed("train_seconds")
+        validation_seconds = summed("validation_seconds")
+        samples = sum(int(entry["samples"]) for entry in epochs)
+        rss, peak_rss = _memory()
+        peak_rss = max([peak_rss, *(int(e["peak_rss_bytes"]) for e in epochs)])
+        memory: dict[str, Any] = {"rss_bytes": rss, "peak_rss_bytes": peak_rss}
+        cuda_peaks = [
+            int(e["peak_cuda_allocated_bytes"]) for e in epochs if "peak_cuda_allocated_bytes" in e
+        ]
+        if cuda_peaks:
+            memory["peak_cuda_allocated_bytes"] = max(cuda_peaks)
+        return {
+            "total_seconds": round(total, 6),
+            "train_seconds": train_seconds,
+            "validation_seconds": validation_seconds,
+            "data_seconds": summed("data_seconds"),
+            "compute_seconds": summed("compute_seconds"),
+            "checkpoint_seconds": summed("checkpoint_seconds"),
+            "other_seconds": round(max(total - train_seconds - validation_seconds, 0.0), 6),
+            "batches": sum(int(entry["batches"]) for entry in epochs),
+            "samples": samples,
+            "samples_per_second": round(samples / train_seconds, 3) if train_seconds else None,
+            "resumes": self._resumes,
+            "memory": memory,
+            "gpu": self._gpu_section(),
+            "subscribers": {
+                "sample_every": self.time_subscribers,
+                "rows": self._subscriber_rows(),
+            },
+            "epochs": [dict(entry) for entry in epochs],
+        }
+
+    def _gpu_section(self) -> dict[str, Any]:
+        run = self._run
+        if run is None:
+            return {"available": False, "reason": "training has not started"}
+        reader = run.reader
+        if reader is None or run.gpu_reason is not None:
+            return {"available": False, "reason": run.gpu_reason or "NVML was not opened"}
+        stats = _GpuStats()
+        for entry in self.epochs:
+            gpu = entry.get("gpu")
+            if isinstance(gpu, Mapping):
+                stats.merge(gpu)
+        return {"available": True, "device": reader.device, "name": reader.name, **stats.as_dict()}
+
+    def _subscriber_totals(self) -> dict[tuple[str, str], _SubscriberTotals]:
+        """Per (event, subscriber id): what earlier processes measured plus this train()."""
+        totals = {
+            key: _SubscriberTotals(value.calls, value.timed_calls, value.seconds)
+            for key, value in self._prior_subscribers.items()
+        }
+        run = self._run
+        if run is not None and run.final_totals is not None:
+            return run.final_totals
+        if run is not None:
+            for key, current in _totals(run.bus).items():
+                base = run.baseline.get(key, _SubscriberTotals())
+                merged = totals.setdefault(key, _SubscriberTotals())
+                merged.calls += current.calls - base.calls
+                merged.timed_calls += current.timed_calls - base.timed_calls
+                merged.seconds += current.seconds - base.seconds
+        return totals
+
+    def _subscriber_rows(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for (event, subscriber), measured in self._subscriber_totals().items():
+            if measured.calls <= 0:
+                continue
+            mean = measured.seconds / measured.timed_calls if measured.timed_calls else None
+            rows.append(
+                {
+                    "id": subscriber,
+                    "event": event,
+                    "calls": measured.calls,
+                    "timed_calls": measured.timed_calls,
+                    "mean_seconds": None if mean is None else round(mean, 9),
+                    "estimated_total_seconds": (
+                        None if mean is None else round(mean * measured.calls, 6)
+                    ),
+                }
+            )
+        return rows
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Per-epoch records, the running epoch, time so far and subscriber totals."""
+        now = time.perf_counter()
+        run = self._run
+        subscribers = [
+            {
+                "event": event,
+                "id": subscriber,
+                "calls": totals.calls,
+                "timed_calls": totals.timed_calls,
+                "seconds": totals.seconds,
+            }
+            for (event, subscriber), totals in self._subscriber_totals().items()
+        ]
+        return {
+            "epochs": [dict(entry) for entry in self.epochs],
+            "epoch": None if self._epoch is None else self._epoch.saved(now),
+            "seconds": self._prior_seconds + (run.seconds(now) if run is not None else 0.0),
+            "resumes": self._resumes,
+            "subscribers": subscribers,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; clocks restart at ``resume``."""
+        self.epochs = [dict(entry) for entry in state.get("epochs", [])]
+        saved = state.get("epoch")
+        self._epoch = None
+        if saved is not None:
+            self._epoch = _Epoch(
+                epoch=int(saved["epoch"]),
+                samples_at_start=int(saved["samples_at_start"]),
+                started=time.perf_counter(),
+                carried_seconds=float(saved["carried_seconds"]),
+                validation_seconds=float(saved["validation_seconds"]),
+                data_seconds=float(saved["data_seconds"]),
+                compute_seconds=float(saved["compute_seconds"]),
+                checkpoint_seconds=float(saved["checkpoint_seconds"]),
+                batches=int(saved["batches"]),
+                resumed=True,
+                gpu=None if saved.get("gpu") is None else _GpuStats.restored(saved["gpu"]),
+            )
+        self._prior_seconds = float(state.get("seconds", 0.0))
+        self._resumes = int(state.get("resumes", 0))
+        self._prior_subscribers = {
+            (str(row["event"]), str(row["id"])): _SubscriberTotals(
+                calls=int(row["calls"]),
+                timed_calls=int(row["timed_calls"]),
+                seconds=float(row["seconds"]),
+            )
+            for row in state.get("subscribers", [])
+        }
+        self._restored = True
+
+    # ------------------------------------------------------------------ gpu
+    def _open_gpu(self, run: _Run) -> None:
+        if self.gpu is False:
+            run.gpu_reason = _GPU_OFF
+            return
+        if self.gpu is None and run.cuda_device is None:
+            run.gpu_reason = _CPU_MODEL
+            return
+        cuda = run.cuda_device
+        index = cuda.index if cuda is not None and cuda.index is not None else 0
+        reader = NvmlReader(nvml_device(index, visible_devices()))
+        run.reader = reader
+        if not reader.open():
+            run.gpu_reason = reader.reason
+            self._notice(reader.reason)
+
+    def _reading_gpu(self) -> bool:
+        run = self._run
+        return run is not None and run.reader is not None and run.reader.available
+
+    def _read_gpu(self) -> None:
+        run = self._run
+        if run is None or run.reader is None or not run.reader.available:
+            return
+        reading = run.reader.read()
+        if reading is None:
+            run.gpu_reason = run.reader.reason
+            self._notice(run.reader.reason)
+            return
+        epoch = self._epoch
+        if epoch is not None:
+            if epoch.gpu is None:
+                epoch.gpu = _GpuStats()
+            epoch.gpu.add(reading)
+
+    def _notice(self, reason: str | None) -> None:
+        self._print(
+            f"MonitorCallback: no GPU statistics: {reason}; training goes on without them\n"
+        )
+
+    def _print(self, text: str) -> None:
+        stream = self.stream
+        stream.write(text)
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.flush()
 
 
-def _on_cuda(model: torch.nn.Module) -> bool:
+def _memory() -> tuple[int | None, int]:
+    """Resident memory now and the peak; ru_maxrss is updated lazily, so it may lag behind."""
+    rss = current_rss_bytes()
+    return rss, max(peak_rss_bytes(), rss or 0)
+
+
+def _totals(
+    bus: EventBus, skip_event: str | None = None
+) -> dict[tuple[str, str], _SubscriberTotals]:
+    return {
+        (subscription.event, subscription.id): _SubscriberTotals(
+            subscription.calls, subscription.timed_calls, subscription.seconds
+        )
+        for subscription in bus.subscriptions()
+        if subscription.event != skip_event
+    }
+
+
+def _cuda_device(model: torch.nn.Module) -> torch.device | None:
     parameter = next(model.parameters(), None)
-    return parameter is not None and parameter.is_cuda
+    if parameter is None or not parameter.is_cuda:
+        return None
+    return parameter.device
+
+
+# ------------------------------------------------------------------------ table
+def format_report(report: Mapping[str, Any], *, top: int = TOP_SUBSCRIBERS) -> str:
+    """The readable summary of a :meth:`MonitorCallback.report` (what ``table=True`` prints)."""
+    total = float(report["total_seconds"])
+    epochs = len(report["epochs"])
+    lines = [
+        f"Monitor: {epochs} epoch{'s' if epochs != 1 else ''}, {report['batches']} batches, "
+        f"{report['samples']} samples in {total:.3f} s"
+        + (f" ({report['resumes']} resumes)" if report["resumes"] else ""),
+        f"  {'phase':<22}{'seconds':>10}{'share':>9}",
+    ]
+    phases = (
+        ("training", "train_seconds"),
+        ("  waiting for data", "data_seconds"),
+        ("  compute (host)", "compute_seconds"),
+        ("  checkpoints", "checkpoint_seconds"),
+        ("validation", "validation_seconds"),
+        ("other", "other_seconds"),
+    )
+    for label, key in phases:
+        seconds = float(report[key])
+        share = f"{seconds / total:.1%}" if total > 0 else "-"
+        lines.append(f"  {label:<22}{seconds:>10.3f}{share:>9}")
+    rate = report["samples_per_second"]
+    lines.append(
+        f"  {'throughput':<22}"
+        + (f"{rate:.1f} samples/s of training time" if rate is not None else "-")
+    )
+    memory = report["memory"]
+    text = f"peak RSS {_size(memory['peak_rss_bytes'])}"
+    if memory["rss_bytes"] is not None:
+        text = f"RSS {_size(memory['rss_bytes'])}, {text}"
+    if "peak_cuda_allocated_bytes" in memory:
+        text += f", peak CUDA allocated {_size(memory['peak_cuda_allocated_bytes'])}"
+    lines.append(f"  {'memory':<22}{text}")
+    gpu = report["gpu"]
+    if gpu["available"]:
+        text = (
+            f"{gpu['name']}: peak {_size(gpu['peak_memory_used_bytes'])} used of "
+            f"{_size(gpu['memory_total_bytes'])}"
+        )
+        if gpu["mean_utilization_percent"] is not None:
+            text += (
+                f", utilisation mean {gpu['mean_utilization_percent']:.0f}% "
+                f"max {gpu['max_utilization_percent']}%"
+            )
+        text += f" ({gpu['readings']} readings)"
+    else:
+        text = f"not recorded: {gpu['reason']}"
+    lines.append(f"  {'gpu':<22}{text}")
+    lines.extend(_subscriber_lines(report["subscribers"], top))
+    return "\n".join(lines) + "\n"
+
+
+def _subscriber_lines(subscribers: Mapping[str, Any], top: int) -> list[str]:
+    sample_every = subscribers["sample_every"]
+    rows = list(subscribers["rows"])
+    if not sample_every:
+        return ["  subscribers: timing off (time_subscribers=0)"]
+    timed = [row for row in rows if row["estimated_total_seconds"] is not None]
+    timed.sort(key=lambda row: row["estimated_total_seconds"], reverse=True)
+    shown = timed[:top]
+    if not shown:
+        return [f"  subscribers: none ran often enough to be timed (1 dispatch in {sample_every})"]
+    width = min(max(len(str(row["id"])) for row in shown), 60)
+    lines = [
+        f"  top subscribers by estimated time (1 dispatch in {sample_every} timed per event)",
+        f"    {'subscriber':<{width}}  {'event':<20}{'calls':>8}{'mean ms':>11}{'total s':>10}",
+    ]
+    for row in shown:
+        name = str(row["id"])
+        if len(name) > width:
+            name = "..." + name[-(width - 3) :]
+        lines.append(
+            f"    {name:<{width}}  {row['event']:<20}{row['calls']:>8}"
+            f"{row['mean_seconds'] * 1000:>11.4f}{row['estimated_total_seconds']:>10.4f}"
+        )
+    return lines
+
+
+def _size(value: float) -> str:
+    amount = float(value)
+    if amount < 1024:
+        return f"{int(amount)} B"
+    units = ("KiB", "MiB", "GiB", "TiB")
+    index = 0
+    amount /= 1024
+    while amount >= 1024 and index < len(units) - 1:
+        amount /= 1024
+        index += 1
+    return f"{amount:.1f} {units[index]}"
