@@ -65,6 +65,7 @@ from trainbus.events.commands import (
 from trainbus.events.marker import Mark, OnError, Predicate, add_mark
 from trainbus.handlers.defaults import DEFAULT_TYPES
 from trainbus.handlers.defaults import default_callbacks as _default_callbacks
+from trainbus.handlers.model_checkpoint import check_tag_conflicts
 
 F = TypeVar("F", bound=Callable[..., Any])
 Stage = Literal["train", "validate", "test", "predict"]
@@ -166,6 +167,7 @@ class Trainer:
             default_callbacks = list(default_callbacks)
         self.callbacks: list[Callback] = _resolve_callbacks(callbacks, default_callbacks)
         self._defaults_kept = [t.__name__ for t in _kept_defaults(default_callbacks)]
+        check_tag_conflicts(self.callbacks)
         self.optimizers: list[torch.optim.Optimizer] = []
         self.scaler: torch.amp.GradScaler | None = None
         self._state = StateKeeper(max_epochs=self.max_epochs)

@@ -1,27 +1,80 @@
-"""ModelCheckpointCallback: save the weights at chosen epochs, of the best model, and the last."""
+"""ModelCheckpointCallback: keep the weights of the best models, of chosen epochs, and the last."""
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping
+import math
+import re
+from collections.abc import Collection, Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
+from trainbus.engine import checkpoint as checkpoints
+from trainbus.engine.maps import CHECKPOINTS_DIR, Maps
 from trainbus.engine.state import TrainerState
-from trainbus.errors import ConfigurationError
+from trainbus.errors import CheckpointError, ConfigurationError
 from trainbus.events.callback import Callback
 from trainbus.events.commands import SaveCheckpoint
 from trainbus.handlers import priorities
 from trainbus.handlers.early_stopping import infer_mode
 
+KEEP_ALL = -1
+"""``top_k`` value that keeps the model of every validation (none deleted; NaN still skipped)."""
+
+Metadata = tuple[tuple[str, str | int | float | bool | None], ...]
+
+_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
+_LONGEST_EPOCH = 999_999
+_RANGE_SCAN_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    """One kept model of the ranking: its metric value, the epoch it was seen in, its tag."""
+
+    value: float
+    epoch: int
+    tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A save asked for but not yet announced by the ``checkpoint`` event."""
+
+    iteration: int
+    metadata: Metadata
+    evict: tuple[str, ...]
+
 
 class ModelCheckpointCallback(Callback):
-    """Save model weights under ``checkpoints/``: ``best-<metric>``, ``epoch-<n>`` and ``last``.
+    """Save model weights under ``checkpoints/``: the best ones, chosen epochs, and the last.
 
-    - ``metric``: keep the weights with the best value of this metric (``mode`` inferred as
-      ``"min"`` for loss-like names).
-    - ``epochs``: the epochs (``state.current_epoch``, 0-based) to keep, e.g. ``range(1, 100, 10)``.
-    - ``save_last``: keep the weights of the latest epoch under ``last``.
+    - ``metric``: rank models by this metric (``mode`` inferred as ``"min"`` for loss-like
+      names, explicit otherwise). ``top_k=1`` keeps the best under ``{prefix}best-{metric}``;
+      ``top_k=k > 1`` keeps each of the k best under ``{prefix}best-{metric}-epoch-{n}`` and,
+      in addition, the single best under ``{prefix}best-{metric}``; ``top_k=-1`` keeps the model
+      of every validation under its ranked tag (nothing is deleted). A model must be strictly
+      better than the worst kept one to enter (ties keep the earlier); NaN never enters.
+    - ``epochs``: the epochs (``state.current_epoch``, 0-based) to keep as ``{prefix}epoch-{n}``,
+      any container of ints, e.g. ``range(1, 100, 10)`` or ``{0, 5}``.
+    - ``every_n_epochs``: also keep every n-th epoch (by ``state.epoch_number``, 1-based), as
+      ``{prefix}epoch-{current_epoch}``.
+    - ``save_last``: keep the weights after every epoch (and at the end of training) as
+      ``{prefix}last``.
+    - ``prefix``: prepended to every tag, so several instances share one MAPS without writing
+      the same directories; :func:`check_tag_conflicts` reports instances that would.
 
-    The callback decides; the Trainer writes (atomically, with a manifest) after ``epoch_end``.
+    The callback decides and the Trainer writes (atomically, with a manifest whose metadata
+    holds ``metric``, ``value``, ``mode`` and ``epoch``). A model that falls out of the top k
+    is deleted only once the model replacing it is committed, and only if this instance wrote
+    it. The ranking, the tags written and the saves not yet committed are part of
+    :meth:`state_dict`. On resume, ranked directories this callback wrote after the restored
+    state (in epochs the resumed run replays) are deleted, kept models whose directory is gone
+    leave the ranking, and a save asked at the restored state's own boundary but never
+    committed is asked again (the restored weights are the ones it was asked for). The replay
+    then writes the replayed epochs again; when it diverges from the interrupted run (other
+    data or settings), ``{prefix}best-{metric}`` and ``{prefix}last`` may hold a model of the
+    discarded epochs until the replay writes them.
     """
 
     priority = priorities.CHECKPOINT
@@ -32,67 +85,516 @@ class ModelCheckpointCallback(Callback):
         epochs: Container[int] | None = None,
         *,
         save_last: bool = True,
+        top_k: int = 1,
         mode: Literal["min", "max"] | None = None,
+        every_n_epochs: int | None = None,
+        prefix: str = "",
     ) -> None:
         if metric is not None and (not isinstance(metric, str) or not metric):
             raise ConfigurationError(
-                f"ModelCheckpointCallback: metric={metric!r} is not a metric name or None"
+                f"ModelCheckpointCallback: metric={metric!r} is not a metric name or None; pass "
+                "the name of a metric given to Trainer(metrics=...), e.g. metric='loss'"
             )
-        if epochs is not None and not isinstance(epochs, Container):
-            raise ConfigurationError(
-                f"ModelCheckpointCallback: epochs={epochs!r} is not a collection of epoch "
-                "numbers; pass e.g. epochs=range(1, 100, 10)"
-            )
+        self._epoch_set = _check_epochs(epochs)
         if not isinstance(save_last, bool):
             raise ConfigurationError(
                 f"ModelCheckpointCallback: save_last={save_last!r} is not a bool"
             )
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < KEEP_ALL:
+            raise ConfigurationError(
+                f"ModelCheckpointCallback: top_k={top_k!r} is not a positive integer or -1; pass "
+                "the number of best models to keep, or -1 to keep all"
+            )
+        if top_k == 0:
+            raise ConfigurationError(
+                "ModelCheckpointCallback: top_k=0 would keep no model; pass top_k=1 (the best), "
+                "top_k=k (the k best) or top_k=-1 (all), or metric=None for no ranking"
+            )
+        if metric is None and top_k != 1:
+            raise ConfigurationError(
+                f"ModelCheckpointCallback: top_k={top_k!r} ranks models by a metric, but metric "
+                "is None; pass metric=..., e.g. metric='loss'"
+            )
+        if metric is None and mode is not None:
+            raise ConfigurationError(
+                f"ModelCheckpointCallback: mode={mode!r} is given without a metric; pass "
+                "metric=... or leave mode out"
+            )
+        if every_n_epochs is not None and (
+            isinstance(every_n_epochs, bool)
+            or not isinstance(every_n_epochs, int)
+            or every_n_epochs < 1
+        ):
+            raise ConfigurationError(
+                f"ModelCheckpointCallback: every_n_epochs={every_n_epochs!r} is not a positive "
+                "integer or None; pass e.g. every_n_epochs=5"
+            )
+        if not isinstance(prefix, str) or (
+            prefix and (not _PREFIX.fullmatch(prefix) or ".." in prefix)
+        ):
+            raise ConfigurationError(
+                f"ModelCheckpointCallback: prefix={prefix!r} is not a safe tag prefix; use "
+                "letters, digits and '._=-', starting with a letter or digit and without '..', "
+                "e.g. prefix='fold1-' (or '' for none)"
+            )
         self.metric = metric
         self.epochs = epochs
+        self.every_n_epochs = every_n_epochs
         self.save_last = save_last
+        self.top_k = top_k
+        self.prefix = prefix
         self.mode = infer_mode(metric, mode, "ModelCheckpointCallback") if metric else None
+        self._check_tags()
         self.best: float | None = None
-        self._best_now = False
+        self.best_epoch: int | None = None
+        self.top: list[Ranked] = []
+        self.created: set[str] = set()
+        self.last_iteration: int | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._value: float | None = None
 
+    # ------------------------------------------------------------------ tags
+    @property
+    def best_tag(self) -> str | None:
+        """``{prefix}best-{metric}``: the single best model (``None`` without a metric)."""
+        return None if self.metric is None else f"{self.prefix}best-{self.metric}"
+
+    @property
+    def last_tag(self) -> str:
+        """``{prefix}last``: the weights after the latest epoch."""
+        return f"{self.prefix}last"
+
+    def epoch_tag(self, epoch: int) -> str:
+        """``{prefix}epoch-{epoch}``: the weights kept for one selected epoch (0-based)."""
+        return f"{self.prefix}epoch-{epoch}"
+
+    def ranked_tag(self, epoch: int) -> str:
+        """The tag a ranked model of ``epoch`` is kept under (``best_tag`` when ``top_k=1``)."""
+        best = self.best_tag
+        if best is None:
+            raise ConfigurationError("ModelCheckpointCallback: ranked_tag needs a metric")
+        return best if self.top_k == 1 else f"{best}-epoch-{epoch}"
+
+    def _check_tags(self) -> None:
+        tags = [self.last_tag, self.epoch_tag(_LONGEST_EPOCH)]
+        if self.metric is not None:
+            tags.append(self.ranked_tag(_LONGEST_EPOCH))
+        for tag in tags:
+            try:
+                SaveCheckpoint(tag)
+            except ConfigurationError:
+                raise ConfigurationError(
+                    f"ModelCheckpointCallback: prefix={self.prefix!r} and metric={self.metric!r} "
+                    f"make checkpoint tags such as {tag!r}, which is not a safe directory name "
+                    "(letters, digits and '._=-', at most 128 characters); use a shorter prefix "
+                    "or rename the metric in Trainer(metrics=...)"
+                ) from None
+
+    def _is_ranked_tag(self, name: str) -> bool:
+        if self.metric is None or self.top_k == 1:
+            return False
+        head = f"{self.best_tag}-epoch-"
+        rest = name[len(head) :]
+        return name.startswith(head) and rest.isascii() and rest.isdigit()
+
+    # ------------------------------------------------------------- handlers
     def metric_names(self) -> tuple[str, ...]:
         """Metrics this callback reads (checked against the Trainer's metrics)."""
         return (self.metric,) if self.metric else ()
 
     def on_validation_end(self, *, metrics: Mapping[str, float]) -> None:
-        if self.metric is None:
-            return
-        value = metrics[self.metric]
-        if value == value and (  # NaN never improves
-            self.best is None or (value < self.best if self.mode == "min" else value > self.best)
-        ):
-            self.best = value
-            self._best_now = True
+        if self.metric is not None:
+            self._value = metrics[self.metric]
 
     def on_epoch_end(self, *, state: TrainerState) -> list[SaveCheckpoint]:
-        requests = []
-        if self._best_now:
-            self._best_now = False
-            requests.append(
-                SaveCheckpoint(
-                    f"best-{self.metric}", metadata=(("metric", self.metric), ("value", self.best))
-                )
-            )
-        if self.epochs is not None and state.current_epoch in self.epochs:
-            requests.append(SaveCheckpoint(f"epoch-{state.current_epoch}"))
+        epoch = state.current_epoch
+        value, self._value = self._value, None
+        saves: dict[str, tuple[Metadata, tuple[str, ...]]] = {}
+        if value is not None:
+            for tag, evict in self._rank(value, epoch):
+                saves[tag] = (self._metadata(epoch, value), evict)
+        if (self._epoch_set is not None and epoch in self._epoch_set) or (
+            self.every_n_epochs is not None and state.epoch_number % self.every_n_epochs == 0
+        ):
+            saves[self.epoch_tag(epoch)] = (self._metadata(epoch, value), ())
         if self.save_last:
-            requests.append(SaveCheckpoint("last"))
-        return requests
+            saves[self.last_tag] = (self._metadata(epoch, value), ())
+            self.last_iteration = state.iteration
+        return self._request(saves, state.iteration)
 
+    def on_train_end(self, *, state: TrainerState) -> list[SaveCheckpoint]:
+        if not self.save_last or state.iteration == 0 or state.iteration == self.last_iteration:
+            return []
+        self.last_iteration = state.iteration
+        metadata = self._metadata(state.current_epoch, None)
+        return self._request({self.last_tag: (metadata, ())}, state.iteration)
+
+    def on_checkpoint(self, *, checkpoint: Path, tag: str, kind: str) -> None:
+        if kind != "weights":
+            return
+        pending = self._pending.pop(tag, None)
+        if pending is None:
+            return
+        self.created.add(tag)
+        self._evict(checkpoint.parent, pending.evict)
+
+    def on_resume(self, *, state: TrainerState, maps: Maps) -> list[SaveCheckpoint]:
+        root = maps.file(CHECKPOINTS_DIR)
+        evict: list[str] = []
+        for tag, pending in list(self._pending.items()):
+            written = self._written_at(root / tag)
+            if written == pending.iteration or pending.iteration != state.iteration:
+                # Committed before the interruption; or asked at another boundary, so the
+                # restored weights are not the ones it was asked for.
+                del self._pending[tag]
+                if written == pending.iteration:
+                    self.created.add(tag)
+                    evict.extend(pending.evict)
+        # A kept model deleted by the discarded part of the interrupted run cannot be restored.
+        self.top = [e for e in self.top if e.tag in self._pending or (root / e.tag).is_dir()]
+        self.created = {t for t in self.created if t in self._pending or (root / t).is_dir()}
+        ranked = {e.tag for e in self.top}
+        if root.is_dir():
+            for path in sorted(root.iterdir()):
+                if not self._is_ranked_tag(path.name) or path.name in ranked:
+                    continue
+                written = self._written_at(path)
+                if written is not None and written > state.iteration:
+                    checkpoints.remove_checkpoint(path)
+                    self.created.discard(path.name)
+        self._evict(root, evict)
+        return [SaveCheckpoint(tag, p.metadata) for tag, p in self._pending.items()]
+
+    # ------------------------------------------------------------- ranking
+    def _better(self, value: float, than: float) -> bool:
+        return value < than if self.mode == "min" else value > than
+
+    def _rank_key(self, entry: Ranked) -> tuple[float, int]:
+        return (entry.value if self.mode == "min" else -entry.value, entry.epoch)
+
+    def _rank(self, value: float, epoch: int) -> list[tuple[str, tuple[str, ...]]]:
+        """Update the ranking with ``value`` seen at ``epoch``; the tags to save, with evictions."""
+        best_tag = self.best_tag
+        if best_tag is None or math.isnan(value):
+            return []
+        saves: list[tuple[str, tuple[str, ...]]] = []
+        improved = self.best is None or self._better(value, self.best)
+        if self.top_k == 1:
+            if improved:
+                self.top = [Ranked(value, epoch, best_tag)]
+        else:
+            tag = self.ranked_tag(epoch)
+            entries = [e for e in self.top if e.tag != tag]
+            if (
+                self.top_k == KEEP_ALL
+                or len(entries) < self.top_k
+                or self._better(value, entries[-1].value)
+            ):
+                entries.append(Ranked(value, epoch, tag))
+                entries.sort(key=self._rank_key)
+                keep = len(entries) if self.top_k == KEEP_ALL else self.top_k
+                self.top = entries[:keep]
+                saves.append((tag, tuple(e.tag for e in entries[keep:])))
+        if improved:
+            self.best, self.best_epoch = value, epoch
+            saves.append((best_tag, ()))
+        return saves
+
+    def _metadata(self, epoch: int, value: float | None) -> Metadata:
+        if self.metric is None:
+            return (("epoch", epoch),)
+        return (("metric", self.metric), ("value", value), ("mode", self.mode), ("epoch", epoch))
+
+    def _request(
+        self, saves: Mapping[str, tuple[Metadata, tuple[str, ...]]], iteration: int
+    ) -> list[SaveCheckpoint]:
+        for tag, (metadata, evict) in saves.items():
+            self._pending[tag] = _Pending(iteration, metadata, evict)
+        return [SaveCheckpoint(tag, metadata) for tag, (metadata, _) in saves.items()]
+
+    def _evict(self, root: Path, tags: Iterable[str]) -> None:
+        kept = {e.tag for e in self.top}
+        for tag in tags:
+            if tag in self.created and tag not in kept and tag not in self._pending:
+                checkpoints.remove_checkpoint(root / tag)
+                self.created.discard(tag)
+
+    def _written_at(self, directory: Path) -> int | None:
+        """The iteration this callback wrote ``directory`` at; None if not its, or unreadable."""
+        if not directory.is_dir():
+            return None
+        try:
+            # Verifies the weights' hash: a resume-time cost, once per directory examined.
+            metadata = checkpoints.read_manifest(directory).get("metadata", {})
+        except CheckpointError:
+            return None
+        iteration = metadata.get("iteration")
+        if not str(metadata.get("requested_by", "")).startswith(f"{self.callback_id}."):
+            return None
+        return iteration if isinstance(iteration, int) else None
+
+    # ---------------------------------------------------------------- state
     def config(self) -> dict[str, Any]:
         return {
             "metric": self.metric,
-            "epochs": repr(self.epochs),
+            "epochs": None if self.epochs is None else repr(self.epochs),
+            "every_n_epochs": self.every_n_epochs,
             "save_last": self.save_last,
+            "top_k": self.top_k,
             "mode": self.mode,
+            "prefix": self.prefix,
+        }
+
+    def _ranking_config(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "mode": self.mode,
+            "top_k": self.top_k,
+            "prefix": self.prefix,
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best}
+        return {
+            "config": self._ranking_config(),
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "top": [{"value": e.value, "epoch": e.epoch, "tag": e.tag} for e in self.top],
+            "created": sorted(self.created),
+            "pending": [
+                {
+                    "tag": tag,
+                    "iteration": p.iteration,
+                    "metadata": [[key, value] for key, value in p.metadata],
+                    "evict": list(p.evict),
+                }
+                for tag, p in self._pending.items()
+            ],
+            "last_iteration": self.last_iteration,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.best = state.get("best")
+        saved = state.get("config")
+        if saved is not None and dict(saved) != self._ranking_config():
+            raise ConfigurationError(
+                f"{self.callback_id}: the saved state ranks with {dict(saved)!r}, but this "
+                f"callback is configured with {self._ranking_config()!r}; resume with the same "
+                "metric, mode, top_k and prefix, or train into a new MAPS"
+            )
+        best = state.get("best")
+        self.best = None if best is None else float(best)
+        best_epoch = state.get("best_epoch")
+        self.best_epoch = None if best_epoch is None else int(best_epoch)
+        self.top = [
+            Ranked(float(e["value"]), int(e["epoch"]), str(e["tag"])) for e in state.get("top", ())
+        ]
+        self.created = {str(tag) for tag in state.get("created", ())}
+        self._pending = {
+            str(p["tag"]): _Pending(
+                int(p["iteration"]),
+                tuple((str(key), value) for key, value in p["metadata"]),
+                tuple(str(tag) for tag in p["evict"]),
+            )
+            for p in state.get("pending", ())
+        }
+        last = state.get("last_iteration")
+        self.last_iteration = None if last is None else int(last)
+        self._value = None
+
+
+# ---------------------------------------------------------------- tag conflicts
+_UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class _Epochs:
+    """0-based epochs: those in ``container``, and those whose number is a multiple of ``every``."""
+
+    container: Container[int] | None
+    every: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Family:
+    """Tags one instance may write: ``head`` alone, or ``head`` + an epoch of ``epochs``."""
+
+    head: str
+    epochs: _Epochs | None
+
+
+def check_tag_conflicts(callbacks: Sequence[Callback]) -> None:
+    """Raise :class:`ConfigurationError` if two ModelCheckpointCallbacks could write one tag.
+
+    Two instances writing the same checkpoint tag in one MAPS would overwrite each other's
+    weights, and a ranking could delete the other's directory. The error names both callback
+    ids and the shared tag (or tag pattern); the fix is a distinct ``prefix=``.
+    """
+    found = [(i, c) for i, c in enumerate(callbacks) if isinstance(c, ModelCheckpointCallback)]
+    ids = [c.callback_id for _, c in found]
+    labels = [
+        c.callback_id if ids.count(c.callback_id) == 1 else f"{c.callback_id} (callbacks[{i}])"
+        for i, c in found
+    ]
+    for a in range(len(found)):
+        for b in range(a + 1, len(found)):
+            shared = _shared_tag(found[a][1], found[b][1])
+            if shared is not None:
+                raise ConfigurationError(
+                    f"{labels[a]} and {labels[b]} could both write the checkpoint tag "
+                    f"{shared} in one MAPS: one would overwrite or delete the other's weights; "
+                    "give each a distinct prefix, e.g. ModelCheckpointCallback(..., "
+                    "prefix='second-')"
+                )
+
+
+def _families(callback: ModelCheckpointCallback) -> list[_Family]:
+    families = []
+    if callback.metric is not None:
+        best = callback.best_tag
+        assert best is not None
+        families.append(_Family(best, None))
+        if callback.top_k != 1:
+            families.append(_Family(f"{best}-epoch-", _Epochs(None, 1)))
+    if callback._epoch_set is not None or callback.every_n_epochs is not None:
+        families.append(
+            _Family(
+                f"{callback.prefix}epoch-", _Epochs(callback._epoch_set, callback.every_n_epochs)
+            )
+        )
+    if callback.save_last:
+        families.append(_Family(callback.last_tag, None))
+    return families
+
+
+def _shared_tag(left: ModelCheckpointCallback, right: ModelCheckpointCallback) -> str | None:
+    for a in _families(left):
+        for b in _families(right):
+            shared = _family_overlap(a, b)
+            if shared is not None:
+                return shared
+    return None
+
+
+def _family_overlap(a: _Family, b: _Family) -> str | None:
+    if a.epochs is None and b.epochs is None:
+        return repr(a.head) if a.head == b.head else None
+    if a.epochs is None or b.epochs is None:
+        literal, family = (a, b) if a.epochs is None else (b, a)
+        assert family.epochs is not None
+        rest = literal.head[len(family.head) :]
+        if (
+            literal.head.startswith(family.head)
+            and rest.isascii()
+            and rest.isdigit()
+            and str(int(rest)) == rest
+            and _common_epoch(family.epochs, _Epochs(frozenset({int(rest)}), None)) is not None
+        ):
+            return repr(literal.head)
+        return None
+    # Heads end with '-' and epochs are digits: different heads never make one tag.
+    if a.head != b.head:
+        return None
+    common = _common_epoch(a.epochs, b.epochs)
+    if common is None:
+        return None
+    if common == _UNKNOWN:
+        return (
+            f"pattern '{a.head}{{n}}' (an epochs container that cannot be enumerated may "
+            "hold the same epochs)"
+        )
+    return f"pattern '{a.head}{{n}}' (e.g. '{a.head}{common}')"
+
+
+def _common_epoch(a: _Epochs, b: _Epochs) -> int | str | None:
+    """The smallest epoch both select, ``_UNKNOWN`` if it cannot be decided, else ``None``."""
+    candidates: list[int | str | None] = []
+    if a.container is not None and b.container is not None:
+        candidates.append(_first_common(a.container, b.container))
+    if a.container is not None and b.every is not None:
+        candidates.append(_first_multiple(a.container, b.every))
+    if b.container is not None and a.every is not None:
+        candidates.append(_first_multiple(b.container, a.every))
+    if a.every is not None and b.every is not None:
+        candidates.append(math.lcm(a.every, b.every) - 1)
+    found = [c for c in candidates if isinstance(c, int)]
+    if found:
+        return min(found)
+    return _UNKNOWN if _UNKNOWN in candidates else None
+
+
+def _first_multiple(container: Container[int], every: int) -> int | str | None:
+    """The smallest epoch of ``container`` whose 1-based number is a multiple of ``every``."""
+    if isinstance(container, range):
+        ascending = container if container.step > 0 else container[::-1]
+        # Epoch numbers modulo `every` repeat after at most `every` elements.
+        return next((e for e in ascending[:every] if (e + 1) % every == 0), None)
+    if isinstance(container, frozenset):
+        return min((e for e in container if (e + 1) % every == 0), default=None)
+    return _UNKNOWN
+
+
+def _first_common(left: Container[int], right: Container[int]) -> int | str | None:
+    """The smallest epoch in both containers (ranges and sets exactly, others when finite)."""
+    if isinstance(left, range) and isinstance(right, range):
+        return _range_intersection(left, right)
+    for finite, other in ((left, right), (right, left)):
+        if isinstance(finite, frozenset) or (
+            isinstance(finite, range) and len(finite) <= _RANGE_SCAN_LIMIT
+        ):
+            assert isinstance(finite, Collection)
+            return min((e for e in finite if e in other), default=None)
+    return _UNKNOWN
+
+
+def _range_intersection(left: range, right: range) -> int | None:
+    if not left or not right:
+        return None
+    a = left if left.step > 0 else left[::-1]
+    b = right if right.step > 0 else right[::-1]
+    low, high = max(a[0], b[0]), min(a[-1], b[-1])
+    if low > high:
+        return None
+    first = a[0] + -(-(low - a[0]) // a.step) * a.step
+    # Elements of `a` modulo b.step repeat after b.step // gcd elements.
+    for epoch in range(first, high + 1, a.step)[: b.step // math.gcd(a.step, b.step)]:
+        if epoch in b:
+            return epoch
+    return None
+
+
+def _check_epochs(epochs: object) -> Container[int] | None:
+    """``epochs`` as the container membership is tested against (ranges kept, others frozen)."""
+    if epochs is None:
+        return None
+    if isinstance(epochs, str | bytes) or not isinstance(epochs, Container):
+        raise ConfigurationError(
+            f"ModelCheckpointCallback: epochs={epochs!r} is not a collection of epoch numbers; "
+            "pass e.g. epochs=range(1, 100, 10) or epochs={0, 5} (0-based current_epoch), "
+            "or None"
+        )
+    if isinstance(epochs, range):
+        if not epochs:
+            raise ConfigurationError(
+                f"ModelCheckpointCallback: epochs={epochs!r} is empty; pass None to keep no "
+                "epoch checkpoints"
+            )
+        if min(epochs[0], epochs[-1]) < 0:
+            raise ConfigurationError(
+                f"ModelCheckpointCallback: epochs={epochs!r} holds negative epochs; epochs are "
+                "0-based (state.current_epoch)"
+            )
+        return epochs
+    if not isinstance(epochs, Collection):
+        return epochs  # membership only, e.g. a user-defined container of epochs
+    items = list(epochs)
+    bad = [e for e in items if isinstance(e, bool) or not isinstance(e, int) or e < 0]
+    if bad:
+        raise ConfigurationError(
+            f"ModelCheckpointCallback: epochs={epochs!r} holds {bad[0]!r}, which is not an epoch "
+            "number; pass ints >= 0 (0-based current_epoch), e.g. epochs={0, 5}"
+        )
+    if not items:
+        raise ConfigurationError(
+            f"ModelCheckpointCallback: epochs={epochs!r} is empty; pass None to keep no epoch "
+            "checkpoints"
+        )
+    return frozenset(items)

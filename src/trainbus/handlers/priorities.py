@@ -24,6 +24,7 @@ LAST = -1000
 START_EVENTS = (
     "trainer_init",
     "train_start",
+    "resume",
     "epoch_start",
     "batch_start",
     "validation_start",
