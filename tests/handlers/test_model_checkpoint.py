@@ -1012,7 +1012,8 @@ def test_last_is_saved_at_train_end_when_no_epoch_ran(maps_path: Path) -> None:
 def test_the_trainer_refuses_two_checkpoint_callbacks_that_would_share_a_tag(
     maps_path: Path,
 ) -> None:
-    with pytest.raises(ConfigurationError, match=r"ModelCheckpointCallback#2 could both write .*'best-loss'.*prefix="):
+    message = r"ModelCheckpointCallback#2 could both write .*'best-loss'.*prefix="
+    with pytest.raises(ConfigurationError, match=message):
         Trainer(
             maps_path,
             make_model(),
