@@ -62,6 +62,20 @@ def test_maps_json_records_versions_seed_and_trainer_configuration(
     trainer, _ = finished_run
     maps = trainer.maps.read_json("maps.json")
     assert maps["format"] == "trainbus-maps/1"
+    assert list(maps) == [
+        "format",
+        "versions",
+        "command",
+        "seed",
+        "trainer",
+        "model",
+        "optimizers",
+        "metrics",
+        "callbacks",
+        "plan",
+        "plugins",
+        "calls",
+    ]
     assert maps["versions"] == {
         "trainbus": trainbus.__version__,
         "torch": torch.__version__,

@@ -891,13 +891,6 @@ class Trainer:
             "command": sys.argv,
             "seed": self.seed,
             "trainer": self._settings(),
-            "val_every_n_epochs": self.val_every_n_epochs,
-            "log_every_n_batches": self.log_every_n_batches,
-            "accumulate_grad_batches": self.accumulate_grad_batches,
-            "gradient_clip_val": self.gradient_clip_val,
-            "gradient_clip_algorithm": self.gradient_clip_algorithm,
-            "device": str(self.device),
-            "precision": self.precision.name,
             "model": {
                 "class": f"{type(model).__module__}.{type(model).__qualname__}",
                 "parameters": sum(p.numel() for p in model.parameters()),
