@@ -24,7 +24,7 @@ def run_example(name: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_every_example_is_covered_here() -> None:
     scripts = {path.name for path in EXAMPLES.glob("*.py")}
-    assert scripts == {"seed_chapter.py"}
+    assert scripts == {"seed_chapter.py", "resume_training.py"}
 
 
 def test_seed_chapter_runs_as_printed(tmp_path: Path) -> None:
@@ -56,3 +56,27 @@ def test_seed_chapter_refuses_to_overwrite_its_maps(tmp_path: Path) -> None:
 def test_examples_are_documented(script: str) -> None:
     text = (EXAMPLES / script).read_text()
     assert text.startswith('"""'), f"{script} starts with a docstring saying what it shows"
+
+
+def test_resume_training_continues_where_the_first_run_stopped(tmp_path: Path) -> None:
+    maps = tmp_path / "runs" / "resume-example"
+    first = subprocess.run(
+        [sys.executable, str(EXAMPLES / "resume_training.py"), str(maps), "--epochs", "3"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert first.returncode == 0, first.stderr
+    assert "resumed from" not in first.stdout
+    assert "finished: 3 epochs, 39 optimizer steps" in first.stdout
+    second = subprocess.run(
+        [sys.executable, str(EXAMPLES / "resume_training.py"), str(maps), "--epochs", "5"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert second.returncode == 0, second.stderr
+    assert "state-0000000039-epoch-end at epoch 2, step 39" in second.stdout
+    assert "finished: 5 epochs, 65 optimizer steps" in second.stdout
