@@ -1,11 +1,11 @@
 """A training job for the resume tests, run in its own process.
 
 ``python resume_job.py MAPS OUT [--epochs N] [--kill-at-iteration I] [--kill-in-validation E]
-[--every-n-steps K] [--workers W] [--resume]`` trains a small network with dropout on a
-``shuffle=True`` loader that has no generator of its own (the global torch generator draws
-its permutations), with early stopping, and writes the final weights and optimizer state to
-OUT. ``--kill-*`` sends SIGKILL to the process itself at that point: nothing is flushed or
-cleaned up, as when a cluster kills a job.
+[--every-n-steps K] [--workers W] [--own-generator] [--resume]`` trains a small network with
+dropout on a ``shuffle=True`` loader that has no generator of its own (the global torch
+generator draws its permutations; ``--own-generator`` gives it one), with early stopping,
+and writes the final weights and optimizer state to OUT. ``--kill-*`` sends SIGKILL to the
+process itself at that point: nothing is flushed or cleaned up, as when a cluster kills a job.
 """
 
 from __future__ import annotations
@@ -63,11 +63,17 @@ def main() -> None:
     parser.add_argument("--kill-in-validation", type=int)
     parser.add_argument("--every-n-steps", type=int)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--own-generator", action="store_true")
     parser.add_argument("--resume", action="store_true")
     options = parser.parse_args()
 
+    generator = torch.Generator().manual_seed(5) if options.own_generator else None
     train_loader = DataLoader(
-        dataset(72, seed=1), batch_size=8, shuffle=True, num_workers=options.workers
+        dataset(72, seed=1),
+        batch_size=8,
+        shuffle=True,
+        num_workers=options.workers,
+        generator=generator,
     )
     val_loader = DataLoader(dataset(40, seed=2), batch_size=10)
     model = build_model()

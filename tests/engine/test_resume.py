@@ -13,6 +13,7 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +77,22 @@ def assert_same_nested(expected: Any, actual: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("straight")
-    run_job(root / "maps", root / "out.pt", "--epochs", str(EPOCHS))
-    result = outcome(root / "maps", root / "out.pt")
-    assert result["stop"] is not None, "the reference run must stop early"
-    assert result["result"]["state"]["current_epoch"] < EPOCHS - 1
-    return result
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[bool], dict[str, Any]]:
+    """The uninterrupted run, with the global generator or with the loader's own one."""
+    runs: dict[bool, dict[str, Any]] = {}
+
+    def get(own_generator: bool) -> dict[str, Any]:
+        if own_generator not in runs:
+            root = tmp_path_factory.mktemp("straight")
+            extra = ("--own-generator",) if own_generator else ()
+            run_job(root / "maps", root / "out.pt", "--epochs", str(EPOCHS), *extra)
+            result = outcome(root / "maps", root / "out.pt")
+            assert result["stop"] is not None, "the reference run must stop early"
+            assert result["result"]["state"]["current_epoch"] < EPOCHS - 1
+            runs[own_generator] = result
+        return runs[own_generator]
+
+    return get
 
 
 STEPS_4 = ("--every-n-steps", "4")
@@ -96,6 +106,16 @@ INTERRUPTIONS: dict[str, tuple[tuple[str, ...], bool, tuple[str, ...]]] = {
         True,
         ("--every-n-steps", "9"),
     ),
+    "own-generator-sigkill-after-an-epoch-end-state": (
+        ("--kill-at-iteration", "12", "--own-generator"),
+        True,
+        ("--own-generator",),
+    ),
+    "own-generator-sigkill-mid-epoch": (
+        ("--kill-at-iteration", "13", "--own-generator", *STEPS_4),
+        True,
+        ("--own-generator", *STEPS_4),
+    ),
     "sigkill-with-worker-processes": (
         ("--kill-at-iteration", "31", "--every-n-steps", "5", "--workers", "2"),
         True,
@@ -106,7 +126,7 @@ INTERRUPTIONS: dict[str, tuple[tuple[str, ...], bool, tuple[str, ...]]] = {
 
 @pytest.mark.parametrize("case", sorted(INTERRUPTIONS))
 def test_resume_in_a_new_process_is_bit_identical(
-    case: str, uninterrupted: dict[str, Any], tmp_path: Path
+    case: str, uninterrupted: Callable[[bool], dict[str, Any]], tmp_path: Path
 ) -> None:
     interrupted, killed, resumed_with = INTERRUPTIONS[case]
     maps, out = tmp_path / "maps", tmp_path / "out.pt"
@@ -115,14 +135,14 @@ def test_resume_in_a_new_process_is_bit_identical(
         out.unlink()
     run_job(maps, out, "--resume", "--epochs", str(EPOCHS), *resumed_with)
     resumed = outcome(maps, out)
-    assert_same_training(uninterrupted, resumed)
+    assert_same_training(uninterrupted("--own-generator" in interrupted), resumed)
     resume_record = resumed["calls"][-1]["resumed_from"]
     assert resume_record["skipped"] == []
     assert resume_record["state"].startswith("state-")
 
 
 def test_a_killed_run_leaves_rows_that_the_resume_rewrites_once(
-    uninterrupted: dict[str, Any], tmp_path: Path
+    uninterrupted: Callable[[bool], dict[str, Any]], tmp_path: Path
 ) -> None:
     maps, out = tmp_path / "maps", tmp_path / "out.pt"
     # Killed at iteration 22: rows for iterations 20 (loss) were written after the state at 16.
@@ -133,4 +153,4 @@ def test_a_killed_run_leaves_rows_that_the_resume_rewrites_once(
     rows = (maps / "training_loss.tsv").read_text().splitlines()
     iterations = [int(line.split("\t")[2]) for line in rows[1:]]
     assert iterations == sorted(set(iterations))
-    assert uninterrupted["training_loss"] == (maps / "training_loss.tsv").read_text()
+    assert uninterrupted(False)["training_loss"] == (maps / "training_loss.tsv").read_text()

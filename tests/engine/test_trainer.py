@@ -324,7 +324,11 @@ def test_stop_at_batch_end_cuts_the_epoch_short(quiet_trainer: Callable[..., Tra
     assert state.metrics == {}
     call = read_maps(trainer.maps.path)["calls"][-1]
     assert call["status"] == "stopped"
-    assert call["stop"] == {"by": "stopper", "reason": "enough batches"}
+    assert call["stop"] == {
+        "by": "stopper",
+        "reason": "enough batches",
+        "resumable": False,
+    }
     assert {"event": "batch_end", "source": "stopper", "command": repr(Stop("enough batches"))} in (
         call["requests"]
     )

@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from tests.conftest import make_loader, make_model
 from trainbus import (
     SaveTrainingState,
+    Stop,
     Trainer,
     TrainerState,
     TrainingCheckpointCallback,
@@ -330,3 +332,118 @@ def test_weights_load_for_inference_in_a_fresh_process_from_the_maps_path(
         timeout=120,
     )
     assert json.loads(completed.stdout) == expected
+
+
+# ------------------------------------------------------------------ stops and rows
+def stop_at(iteration: int, *, resumable: bool) -> Callable[..., Stop | None]:
+    def stop(*, state: TrainerState) -> Stop | None:
+        return (
+            Stop("wall-clock limit", resumable=resumable) if state.iteration == iteration else None
+        )
+
+    return stop
+
+
+@pytest.mark.parametrize("resumable", [True, False])
+def test_a_stop_in_the_middle_of_an_epoch_is_resumed_only_when_resumable(
+    tmp_path: Path, resumable: bool
+) -> None:
+    straight = Trainer(tmp_path / "straight", make_model(), default_callbacks=False, max_epochs=3)
+    straight.train(make_loader(shuffle=True))
+    first = Trainer(
+        tmp_path / "maps",
+        make_model(),
+        callbacks=[TrainingCheckpointCallback()],
+        default_callbacks=False,
+        max_epochs=3,
+    )
+    first.on("batch_end")(stop_at(9, resumable=resumable))
+    stopped = first.train(make_loader(shuffle=True))
+    assert (stopped.global_step, stopped.stop_resumable) == (9, resumable)
+    assert states(tmp_path / "maps")[0] == "state-0000000009"  # inside epoch 1, not its end
+    resumed = Trainer.from_maps(
+        tmp_path / "maps", make_model(), callbacks=[TrainingCheckpointCallback()]
+    )
+    final = resumed.train(make_loader(shuffle=True))
+    if resumable:
+        assert (final.global_step, final.stopped_by) == (18, None)
+        for name, tensor in straight.model.state_dict().items():
+            assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    else:
+        assert (final.global_step, final.stop_reason) == (9, "wall-clock limit")
+
+
+class InterruptError(Exception):
+    """Raised by a test handler to end a run the way a crash would."""
+
+
+def interrupt_at(iteration: int) -> Callable[..., None]:
+    def interrupt(*, state: TrainerState) -> None:
+        if state.iteration == iteration:
+            raise InterruptError
+
+    return interrupt
+
+
+def test_rows_written_before_the_first_counted_row_are_not_duplicated(maps_path: Path) -> None:
+    from trainbus import MetricsWriterCallback
+
+    def build() -> Trainer:
+        return Trainer(
+            maps_path,
+            make_model(),
+            callbacks=[MetricsWriterCallback(), TrainingCheckpointCallback(every_n_steps=1)],
+            default_callbacks=False,
+            max_epochs=1,
+            log_every_n_batches=4,
+        )
+
+    first = build()
+    first.on("batch_end", priority=-(10**6))(interrupt_at(4))
+    with pytest.raises(InterruptError):
+        first.train(make_loader())
+    Trainer.from_maps(
+        maps_path,
+        make_model(),
+        callbacks=[MetricsWriterCallback(), TrainingCheckpointCallback(every_n_steps=1)],
+    ).train(make_loader())
+    rows = Maps(maps_path).read_rows("training_loss.tsv")
+    assert [row["iteration"] for row in rows] == ["4", "6"]
+
+
+def test_a_resume_keeps_the_rows_of_test_calls_made_after_the_state(maps_path: Path) -> None:
+    from trainbus import MetricsWriterCallback
+
+    def callbacks() -> list[Any]:
+        return [MetricsWriterCallback(), TrainingCheckpointCallback()]
+
+    trainer = Trainer(
+        maps_path, make_model(), callbacks=callbacks(), default_callbacks=False, max_epochs=1
+    )
+    trainer.train(make_loader(), make_loader(seed=1))
+    trainer.test(make_loader(seed=2))
+    resumed = Trainer.from_maps(maps_path, make_model(), callbacks=callbacks(), max_epochs=2)
+    resumed.train(make_loader(), make_loader(seed=1))
+    stages = [row["stage"] for row in Maps(maps_path).read_rows("metrics.tsv")]
+    assert stages == ["validation", "test", "validation"]
+
+
+def test_two_training_checkpoint_callbacks_rotate_only_their_own_states(
+    maps_path: Path,
+) -> None:
+    frequent = TrainingCheckpointCallback(
+        every_n_steps=2, every_n_epochs=None, save_on_train_end=False, keep=5
+    )
+    daily = TrainingCheckpointCallback(every_n_epochs=1, keep=1)
+    trainer = Trainer(
+        maps_path, make_model(), callbacks=[frequent, daily], default_callbacks=False, max_epochs=2
+    )
+    trainer.train(make_loader())
+    assert states(maps_path) == [
+        "state-0000000012-epoch-end",
+        "state-0000000012",
+        "state-0000000010",
+        "state-0000000008",
+        "state-0000000006",
+        "state-0000000004",
+    ]

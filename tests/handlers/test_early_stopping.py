@@ -313,7 +313,7 @@ def test_stop_decisions_over_scripted_metric_sequences(
         assert "stop" not in recorded
     else:
         assert recorded["status"] == "stopped"
-        assert recorded["stop"] == {"by": STOPPER, "reason": reason}
+        assert recorded["stop"] == {"by": STOPPER, "reason": reason, "resumable": False}
 
 
 def test_patience_counts_validations_not_epochs(quiet_trainer: Callable[..., Trainer]) -> None:
@@ -696,7 +696,7 @@ def test_two_restoring_callbacks_keep_their_own_checkpoints(
         pytest.param(3 * BATCHES, True, id="model-trained-past-the-best"),
     ],
 )
-def test_train_end_loads_the_checkpoint_only_when_the_model_is_not_the_best(
+def test_the_end_of_training_loads_the_best_weights_only_when_the_model_lacks_them(
     tmp_path: Path, iteration: int, loads: bool
 ) -> None:
     callback = EarlyStoppingCallback("score", mode="min", restore_best_weights=True)
@@ -714,7 +714,9 @@ def test_train_end_loads_the_checkpoint_only_when_the_model_is_not_the_best(
     )
     current = make_model(seed=2)
     before = {k: v.clone() for k, v in current.state_dict().items()}
-    callback.on_train_end(state=TrainerState(iteration=iteration), model=current)
+    callback.on_train_end(state=TrainerState(iteration=iteration))
+    assert same_weights(current.state_dict(), before)  # the final training state keeps these
+    callback.on_teardown(model=current)
     assert same_weights(current.state_dict(), best_model.state_dict()) is loads
     assert same_weights(current.state_dict(), before) is not loads
 
@@ -894,7 +896,11 @@ def test_a_resumed_run_takes_the_same_stop_decision(
     )
     assert state.stop_reason == patience_reason(3, 1.0, 2, "mode=min, min_delta=0.0")
     calls = resumed.maps.read_json("maps.json")["calls"]
-    assert calls[-1]["stop"] == {"by": STOPPER, "reason": expected.stop_reason}
+    assert calls[-1]["stop"] == {
+        "by": STOPPER,
+        "reason": expected.stop_reason,
+        "resumable": False,
+    }
     assert calls[-1]["resumed_from"]["iteration"] == interrupt_at
     ignored = {"best_checkpoint"}
     assert {k: v for k, v in callback.state_dict().items() if k not in ignored} == {

@@ -17,7 +17,7 @@ from trainbus import (
     Trainer,
     TrainingCheckpointCallback,
 )
-from trainbus.errors import ConfigurationError
+from trainbus.errors import ConfigurationError, ConfigurationTypeError
 
 
 def saved_states(path: Path) -> list[str]:
@@ -71,14 +71,25 @@ def test_states_are_written_at_the_asked_cadence_and_rotated(
     assert latest == expected[-1]
 
 
-BAD: dict[str, tuple[dict[str, Any], str]] = {
-    "epochs-zero": ({"every_n_epochs": 0}, r"every_n_epochs=0 is not a positive integer"),
-    "epochs-bool": ({"every_n_epochs": True}, r"every_n_epochs=True is not a positive integer"),
-    "steps-float": ({"every_n_steps": 2.5}, r"every_n_steps=2.5 is not a positive integer"),
-    "keep-zero": ({"keep": 0}, r"keep=0 is not a positive integer; at least the newest"),
-    "end-not-bool": ({"save_on_train_end": "yes"}, r"save_on_train_end='yes' is not a bool"),
+WRONG_VALUE, WRONG_TYPE = ConfigurationError, ConfigurationTypeError
+BAD: dict[str, tuple[dict[str, Any], type[Exception], str]] = {
+    "epochs-zero": (
+        {"every_n_epochs": 0},
+        WRONG_VALUE,
+        r"every_n_epochs=0 is not a positive integer or None; pass e.g. every_n_epochs=1",
+    ),
+    "epochs-bool": ({"every_n_epochs": True}, WRONG_TYPE, r"every_n_epochs=True is not a positive"),
+    "steps-float": ({"every_n_steps": 2.5}, WRONG_TYPE, r"every_n_steps=2.5 is not a positive"),
+    "keep-zero": ({"keep": 0}, WRONG_VALUE, r"keep=0 is not a positive integer; at least the"),
+    "keep-str": ({"keep": "2"}, WRONG_TYPE, r"keep='2' is not a positive integer"),
+    "end-not-bool": (
+        {"save_on_train_end": "yes"},
+        WRONG_TYPE,
+        r"save_on_train_end='yes' is not a bool; pass True",
+    ),
     "never-saves": (
         {"every_n_epochs": None, "save_on_train_end": False},
+        WRONG_VALUE,
         r"would never save.*default_callbacks=\{TrainingCheckpointCallback: False\}",
     ),
 }
@@ -86,8 +97,8 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_arguments_are_refused_with_the_fix(case: str) -> None:
-    options, message = BAD[case]
-    with pytest.raises(ConfigurationError, match=message):
+    options, error, message = BAD[case]
+    with pytest.raises(error, match=message):
         TrainingCheckpointCallback(**options)
 
 

@@ -378,13 +378,29 @@ def quarantine(directory: Path) -> Path:
     return target
 
 
-def rotate_training_states(maps: Maps, keep: int, protect: Iterable[Path] = ()) -> list[Path]:
-    """Delete all but the newest ``keep`` states; never one in ``protect``. Returns the removed."""
+def rotate_training_states(
+    maps: Maps, keep: int, protect: Iterable[Path] = (), *, owner: str | None = None
+) -> list[Path]:
+    """Delete all but the newest ``keep`` states; never one in ``protect``. Returns the removed.
+
+    With ``owner`` (a callback id), only the states that callback asked for count and go:
+    several training-checkpoint callbacks in one MAPS never rotate each other's states.
+    """
     protected = {p.resolve() for p in protect}
+    candidates = [p for p in training_states(maps) if owner is None or _requested_by(p, owner)]
     removed = []
-    for path in training_states(maps)[keep:]:
+    for path in candidates[keep:]:
         if path.resolve() in protected:
             continue
         remove_checkpoint(path)
         removed.append(path)
     return removed
+
+
+def _requested_by(directory: Path, owner: str) -> bool:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+        source = str(manifest["metadata"]["requested_by"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # unreadable: left for a resume to pass over, never deleted blindly
+    return source.startswith(f"{owner}.")

@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -221,17 +221,29 @@ class Maps:
         """Data rows of a TSV file of the MAPS (0 if it does not exist)."""
         return len(self.read_rows(*parts))
 
-    def truncate_rows(self, rows: int, *parts: str) -> int:
-        """Keep the header and the first ``rows`` data rows of a TSV file, atomically.
+    def drop_rows(
+        self,
+        keep: int,
+        *parts: str,
+        when: Callable[[Mapping[str, str]], bool] | None = None,
+    ) -> int:
+        """Drop the data rows after the first ``keep`` of a TSV file (those ``when`` accepts).
 
-        Used at a resume: rows written after the training state was saved are dropped, as
-        the resumed run writes them again. Returns how many rows were dropped.
+        Used at a resume: training rows written after the training state was saved are
+        dropped, as the resumed run writes them again. The file is rewritten atomically.
+        Returns how many rows were dropped.
         """
         target = self.file(*parts)
         if not target.exists():
             return 0
         lines = target.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = lines[: rows + 1]
+        if len(lines) <= keep + 1:
+            return 0
+        kept = lines[: keep + 1]
+        for line in lines[keep + 1 :]:
+            row = next(csv.DictReader([lines[0], line], delimiter="\t"))
+            if when is not None and not when(row):
+                kept.append(line)
         if len(kept) == len(lines):
             return 0
         self.write_bytes("".join(kept).encode("utf-8"), *parts)

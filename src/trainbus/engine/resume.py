@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from trainbus.errors import CheckpointError
+from trainbus.errors import CheckpointError, DataError
 
 RandomStates = dict[str, Any]
 
@@ -115,7 +115,7 @@ class EpochStart:
         )
         return cls(
             torch_state=torch.get_rng_state(),
-            generators={name: g.get_state() for name, g in loader_generators(loader).items()},
+            generators=capture_loader_generators(loader),
             reused_iterator=bool(reused),
         )
 
@@ -135,15 +135,25 @@ class EpochStart:
     def restore(self, loader: object) -> None:
         """Put the global and the loader's generators back to the epoch's start."""
         torch.set_rng_state(self.torch_state)
-        generators = loader_generators(loader)
-        if set(generators) != set(self.generators):
-            raise CheckpointError(
-                f"the training loader's generators {sorted(generators)} differ from those "
-                f"recorded in the training state {sorted(self.generators)}; resume with a "
-                "loader built the same way (same shuffle, sampler and generator arguments)"
-            )
-        for name, generator in generators.items():
-            generator.set_state(self.generators[name])
+        restore_loader_generators(loader, self.generators)
+
+
+def capture_loader_generators(loader: object) -> dict[str, torch.Tensor]:
+    """The states of a loader's own generators (see :func:`loader_generators`)."""
+    return {name: generator.get_state() for name, generator in loader_generators(loader).items()}
+
+
+def restore_loader_generators(loader: object, states: dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`capture_loader_generators` returned, into the same kind of loader."""
+    generators = loader_generators(loader)
+    if set(generators) != set(states):
+        raise CheckpointError(
+            f"the training loader's generators {sorted(generators)} differ from those "
+            f"recorded in the training state {sorted(states)}; resume with a loader built "
+            "the same way (same shuffle, sampler and generator arguments)"
+        )
+    for name, generator in generators.items():
+        generator.set_state(states[name])
 
 
 class _SkipFirst(Sampler[Any]):
@@ -173,7 +183,10 @@ class _SkipFirst(Sampler[Any]):
         self.prime()
         iterator, self._primed = self._primed, None
         if iterator is None:
-            raise RuntimeError("a resumed epoch's sampler can be iterated only once")
+            raise DataError(
+                "a resumed epoch's sampler was iterated twice; iterate the loader of a resumed "
+                "epoch once (the next epoch uses the original loader again)"
+            )
         yield from iterator
 
     def __len__(self) -> int:

@@ -59,6 +59,8 @@ class TrainerState:
     - ``global_step``: optimizer steps taken (one per ``accumulate_grad_batches`` batches).
     - ``train_loss``: mean training loss over the last log interval (refreshed only then:
       reading it from the device is a host-device sync).
+    - ``stopped_by``/``stop_reason``: who asked to stop and why; ``stop_resumable`` whether a
+      resume clears that stop (see :class:`~trainbus.Stop`).
     - ``metrics``: the latest validation/test metrics; ``best_metrics``/``best_epochs`` the best
       value of each metric seen during training and the epoch it was seen in.
     """
@@ -78,6 +80,7 @@ class TrainerState:
     best_epochs: FrozenDict = field(default=EMPTY)
     stop_reason: str | None = None
     stopped_by: str | None = None
+    stop_resumable: bool = False
     rank: int = 0
     world_size: int = 1
 

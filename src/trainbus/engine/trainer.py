@@ -36,7 +36,9 @@ from trainbus.engine.model import Model
 from trainbus.engine.resume import (
     EpochStart,
     RandomStates,
+    capture_loader_generators,
     capture_random_states,
+    restore_loader_generators,
     restore_random_states,
     resumed_iterator,
 )
@@ -181,6 +183,8 @@ class Trainer:
         self._epoch_start: EpochStart | None = None
         self._position: dict[str, Any] = {"epoch": 0, "batches_done": 0, "in_epoch": False}
         self._resume_random: RandomStates | None = None
+        self._resume_loader_generators: dict[str, torch.Tensor] | None = None
+        self._train_loader: Iterable[Any] | None = None
         for callback in self.callbacks:
             self._check_metric_names(callback)
             self.bus.attach(callback, source=_source_of(callback))
@@ -319,6 +323,7 @@ class Trainer:
         elif not isinstance(resume, bool):
             raise ConfigurationTypeError(f"resume={resume!r} is not a bool")
         found = self._resume_point() if resume else None
+        self._train_loader = train_loader
         with self._call("train", adopt=found is not None):
             self._prepare_training()
             if found is not None:
@@ -366,7 +371,10 @@ class Trainer:
         ):
             self._validation(val_loader)
         self._state.update(stage="train")
-        self._position = {"epoch": epoch + 1, "batches_done": 0, "in_epoch": False}
+        if completed:
+            self._position = {"epoch": epoch + 1, "batches_done": 0, "in_epoch": False}
+        # else a stop cut the epoch: the position stays inside it, so a resumable stop
+        # continues with the batches that were left.
         self._emit("epoch_end")
         self._save_pending()
 
@@ -591,6 +599,7 @@ class Trainer:
                 self._state.update(
                     stopped_by=request.source,
                     stop_reason=request.command.reason or f"requested at {request.event}",
+                    stop_resumable=request.command.resumable,
                 )
             if isinstance(request.command, SaveCheckpoint | SaveTrainingState):
                 self._pending.append(request)
@@ -651,6 +660,7 @@ class Trainer:
             "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "random": capture_random_states(),
+            "loader_generators": capture_loader_generators(self._train_loader),
             "epoch_start": (
                 self._epoch_start.as_dict() if in_epoch and self._epoch_start else None
             ),
@@ -661,7 +671,7 @@ class Trainer:
             "callbacks": {c.callback_id: c.state_dict() for c in self.callbacks},
         }
         document = {
-            "format": "trainbus-training-state/1",
+            "format": STATE_FORMAT,
             "state": snapshot.as_dict(),
             "position": dict(self._position),
             "bus": self.bus.state_dict(),
@@ -715,6 +725,12 @@ class Trainer:
     def _restore(self, found: checkpoint.FoundState, loader: Iterable[Any]) -> None:
         """Load everything a training state holds; random states are restored at the loop."""
         weights, tensors, document = checkpoint.load_training_state(found.path)
+        if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
+            raise CheckpointError(
+                f"{found.path / checkpoint.STATE_FILE} has format "
+                f"{document.get('format') if isinstance(document, dict) else document!r}; this "
+                f"trainbus reads {STATE_FORMAT!r}: resume with the trainbus version that wrote it"
+            )
         position = document["position"]
         if position["in_epoch"] and document["state"]["num_batches"] != _length(loader):
             raise CheckpointError(
@@ -740,6 +756,8 @@ class Trainer:
             for key, value in document["state"].items()
             if key not in {"stage", "max_epochs", "rank", "world_size"}
         }
+        if restored.get("stop_resumable"):
+            restored.update(stopped_by=None, stop_reason=None, stop_resumable=False)
         self._state.update(**restored)
         self.bus.load_state_dict(document["bus"])
         self._load_callback_states(tensors["callbacks"], found.path.name)
@@ -749,6 +767,7 @@ class Trainer:
         self._loss_count = int(loss["count"])
         self._position = dict(position)
         self._resume_random = tensors["random"]
+        self._resume_loader_generators = tensors["loader_generators"]
         if position["in_epoch"]:
             self._epoch_start = EpochStart.from_dict(tensors["epoch_start"])
         changed = {
@@ -793,9 +812,13 @@ class Trainer:
             )
 
     def _restore_random_states(self) -> None:
+        """Put every generator back as it was when the resumed state was written."""
         if self._resume_random is not None:
             restore_random_states(self._resume_random)
             self._resume_random = None
+        if self._resume_loader_generators is not None:
+            restore_loader_generators(self._train_loader, self._resume_loader_generators)
+            self._resume_loader_generators = None
 
     # ------------------------------------------------------------- lifecycle
     def _call(self, stage: Stage, *, adopt: bool = False) -> _Call:
@@ -864,7 +887,11 @@ class Trainer:
             best_epochs=dict(snapshot.best_epochs),
         )
         if snapshot.stopped_by:
-            record["stop"] = {"by": snapshot.stopped_by, "reason": snapshot.stop_reason}
+            record["stop"] = {
+                "by": snapshot.stopped_by,
+                "reason": snapshot.stop_reason,
+                "resumable": snapshot.stop_resumable,
+            }
         if error is not None:
             record["error"] = f"{type(error).__name__}: {error}"
         record["handler_failures"] = [
@@ -1045,6 +1072,9 @@ def _resolve_callbacks(
         ids.add(callback.callback_id)
     return resolved
 
+
+STATE_FORMAT = "trainbus-training-state/1"
+"""Format of a training state's ``state.json``."""
 
 _REUSED_SETTINGS = (
     "max_epochs",

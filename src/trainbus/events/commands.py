@@ -32,9 +32,16 @@ class Command:
 
 @dataclass(frozen=True, slots=True)
 class Stop(Command):
-    """Stop training at the next boundary (end of the batch, or of the epoch)."""
+    """Stop training at the next boundary (end of the batch, or of the epoch).
+
+    A stop is final by default: resuming the run from a training state written after it
+    trains no further (early stopping decided). ``resumable=True`` marks a pause instead (a
+    wall-clock limit, a preemption): a resume clears it and training goes on from where it
+    stopped, in the middle of the epoch if need be.
+    """
 
     reason: str = ""
+    resumable: bool = False
 
 
 @dataclass(frozen=True, slots=True)

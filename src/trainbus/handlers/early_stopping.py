@@ -74,11 +74,11 @@ class EarlyStoppingCallback(Callback):
       start_from_epoch`` are ignored entirely: no best value is recorded, patience does not
       count and none of the conditions above stops training.
     - ``restore_best_weights``: at every improvement the weights are saved under
-      ``checkpoints/<checkpoint_tag>/`` in the MAPS (e.g. ``early-stopping-best-loss``); at
-      ``train_end`` they are loaded back into the model unless it already holds them, so the
-      model ``train()`` leaves behind is the best one, however training ended. The training
-      state written at the end of training (``TrainingCheckpointCallback``) then holds the
-      restored weights as well.
+      ``checkpoints/<checkpoint_tag>/`` in the MAPS (e.g. ``early-stopping-best-loss``); when
+      training ends they are loaded back into the model (at ``teardown``, after the final
+      training state was written) unless it already holds them, so the model ``train()``
+      leaves behind is the best one, however training ended, while every training state
+      holds the weights training really reached (a resume continues from those).
 
     Everything survives a resume: the best value, its epoch, the patience count and the
     path of the best checkpoint are part of :meth:`state_dict`.
@@ -186,6 +186,7 @@ class EarlyStoppingCallback(Callback):
         self.wait = 0
         self.best_checkpoint: Path | None = None
         self.checkpoint_iteration: int | None = None
+        self._restore_pending = False
 
     # ----------------------------------------------------------------- options
     def metric_names(self) -> tuple[str, ...]:
@@ -273,8 +274,8 @@ class EarlyStoppingCallback(Callback):
     def on_resume(self, *, state: TrainerState, maps: Maps) -> SaveCheckpoint | None:
         """Find the best weights again in the MAPS (it may have moved, or the save be missing).
 
-        A training state is written before the weights saves of the same boundary, so the
-        restored state may not yet know the checkpoint of its last improvement.
+        The MAPS may have been moved, or the run killed after the training state of a
+        boundary was written but before the weights of a later improvement were.
         """
         if not self.restore_best_weights or self.best_iteration is None:
             return None
@@ -297,15 +298,19 @@ class EarlyStoppingCallback(Callback):
         )
         return None
 
-    def on_train_end(self, *, state: TrainerState, model: Model) -> None:
-        if (
+    def on_train_end(self, *, state: TrainerState) -> None:
+        self._restore_pending = not (
             not self.restore_best_weights
             or self.best_checkpoint is None
             or self.checkpoint_iteration != self.best_iteration
             or state.iteration == self.best_iteration  # the model holds the best weights
-        ):
-            return
-        checkpoints.load_weights(self.best_checkpoint, model)
+        )
+
+    def on_teardown(self, *, model: Model) -> None:
+        # After train_end's training state is written: that state keeps the last weights.
+        if self._restore_pending and self.best_checkpoint is not None:
+            self._restore_pending = False
+            checkpoints.load_weights(self.best_checkpoint, model)
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -27,34 +27,36 @@ class MetricsWriterCallback(Callback):
 
     Rows are written by rank 0 and flushed to disk as they come, so a crashed run keeps every
     row it computed. The row counts are part of the training state: a resumed run first drops
-    the rows written after the state it resumes from, so no row is ever duplicated or missing.
+    the training rows (validation metrics, training losses) written after the state it resumes
+    from, as it writes them again, so no row is ever duplicated or missing. Rows of
+    ``validate()`` and ``test()`` calls are never dropped.
     """
 
     priority = priorities.DEFAULT
     rank_zero_only = True
 
     def __init__(self) -> None:
-        self.rows: dict[str, int] | None = None
+        self.rows: dict[str, int] = {}
         self._restored: dict[str, int] | None = None
 
-    def _count(self, maps: Maps) -> dict[str, int]:
-        if self.rows is None:
+    def on_train_start(self, *, maps: Maps) -> None:
+        if self._restored is None:
             self.rows = {name: maps.count_rows(name) for name in (METRICS_FILE, TRAINING_LOSS_FILE)}
-        return self.rows
 
     def on_resume(self, *, maps: Maps) -> None:
         if self._restored is None:
             return
-        for name, rows in self._restored.items():
-            maps.truncate_rows(rows, name)
-        self.rows, self._restored = dict(self._restored), None
+        maps.drop_rows(self._restored.get(METRICS_FILE, 0), METRICS_FILE, when=_from_training)
+        maps.drop_rows(self._restored.get(TRAINING_LOSS_FILE, 0), TRAINING_LOSS_FILE)
+        self.rows = {name: maps.count_rows(name) for name in (METRICS_FILE, TRAINING_LOSS_FILE)}
+        self._restored = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows}
+        return {"rows": dict(self.rows)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        rows = state.get("rows")
-        self._restored = None if rows is None else {str(k): int(v) for k, v in rows.items()}
+        rows = state.get("rows") or {}
+        self._restored = {str(k): int(v) for k, v in rows.items()}
 
     def on_metrics_computed(
         self, *, state: TrainerState, maps: Maps, metrics: Mapping[str, float]
@@ -67,9 +69,8 @@ class MetricsWriterCallback(Callback):
             "iteration": state.iteration,
             **metrics,
         }
-        counts = self._count(maps)
         maps.append_row(columns, row, METRICS_FILE)
-        counts[METRICS_FILE] += 1
+        self.rows[METRICS_FILE] = self.rows.get(METRICS_FILE, 0) + 1
 
     def on_loss_logged(self, *, state: TrainerState, maps: Maps, train_loss: float) -> None:
         row = {
@@ -81,6 +82,9 @@ class MetricsWriterCallback(Callback):
             "train_loss": train_loss,
             "learning_rates": ",".join(f"{rate:.6g}" for rate in state.learning_rates),
         }
-        counts = self._count(maps)
         maps.append_row(LOSS_COLUMNS, row, TRAINING_LOSS_FILE)
-        counts[TRAINING_LOSS_FILE] += 1
+        self.rows[TRAINING_LOSS_FILE] = self.rows.get(TRAINING_LOSS_FILE, 0) + 1
+
+
+def _from_training(row: Mapping[str, str]) -> bool:
+    return row.get("stage") == "validation"

@@ -9,7 +9,7 @@ from typing import Any
 from trainbus.engine import checkpoint as checkpoints
 from trainbus.engine.maps import Maps
 from trainbus.engine.state import TrainerState
-from trainbus.errors import ConfigurationError
+from trainbus.errors import ConfigurationError, ConfigurationTypeError
 from trainbus.events.callback import Callback
 from trainbus.events.commands import SaveTrainingState
 from trainbus.handlers import priorities
@@ -22,8 +22,9 @@ class TrainingCheckpointCallback(Callback):
     - ``every_n_steps``: after every n-th optimizer step, in the middle of an epoch too
       (default ``None``).
     - ``save_on_train_end``: when training ends, stopped or not (default True).
-    - ``keep``: how many training states to keep (default 2). Older ones are deleted only
-      after a newer one is committed; the state a run resumed from is never deleted by it.
+    - ``keep``: how many of its training states to keep (default 2). Older ones are deleted
+      only after a newer one is committed; the state a run resumed from is never deleted by
+      it, nor are the states of another TrainingCheckpointCallback in the same MAPS.
 
     A training state holds the weights, optimizer, scaler and scheduler states, every random
     generator, the loader position, the counters and every callback's ``state_dict``; it is
@@ -42,20 +43,27 @@ class TrainingCheckpointCallback(Callback):
         save_on_train_end: bool = True,
         keep: int = 2,
     ) -> None:
-        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
-            if value is not None and (type(value) is not int or value < 1):
-                raise ConfigurationError(
-                    f"TrainingCheckpointCallback: {name}={value!r} is not a positive integer "
-                    f"or None; pass e.g. {name}=1"
-                )
-        if not isinstance(save_on_train_end, bool):
-            raise ConfigurationError(
-                f"TrainingCheckpointCallback: save_on_train_end={save_on_train_end!r} is not a bool"
+        for name, value in (
+            ("every_n_epochs", every_n_epochs),
+            ("every_n_steps", every_n_steps),
+            ("keep", keep),
+        ):
+            if value is None and name != "keep":
+                continue
+            problem = f"TrainingCheckpointCallback: {name}={value!r} is not a positive integer"
+            fix = (
+                "; at least the newest training state must be kept"
+                if name == "keep"
+                else f" or None; pass e.g. {name}=1"
             )
-        if type(keep) is not int or keep < 1:
-            raise ConfigurationError(
-                f"TrainingCheckpointCallback: keep={keep!r} is not a positive integer; at "
-                "least the newest training state must be kept"
+            if type(value) is not int:
+                raise ConfigurationTypeError(problem + fix)
+            if value < 1:
+                raise ConfigurationError(problem + fix)
+        if not isinstance(save_on_train_end, bool):
+            raise ConfigurationTypeError(
+                f"TrainingCheckpointCallback: save_on_train_end={save_on_train_end!r} is not "
+                "a bool; pass True to save a training state when training ends, else False"
             )
         if every_n_epochs is None and every_n_steps is None and not save_on_train_end:
             raise ConfigurationError(
@@ -99,7 +107,7 @@ class TrainingCheckpointCallback(Callback):
         if kind != "training":
             return
         protect = [checkpoint] if self._resumed_from is None else [checkpoint, self._resumed_from]
-        checkpoints.rotate_training_states(maps, self.keep, protect)
+        checkpoints.rotate_training_states(maps, self.keep, protect, owner=self.callback_id)
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.last_step, "last_boundary": self.last_boundary}
