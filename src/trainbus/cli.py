@@ -1,17 +1,19 @@
-"""The ``trainbus`` command: ``demo`` trains the bundled example, ``plan`` shows what runs when."""
+"""The ``trainbus`` command: ``demo`` trains the bundled example, ``plan`` shows what runs when,
+``plugins`` what the installed plugin packages add."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
 import json
+import runpy
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trainbus.errors import TrainbusError
+from trainbus.errors import ConfigurationError, TrainbusError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,12 +54,29 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser(
         "plan",
         help="print the dispatch plan: per event, who runs in which order",
-        description="Print the dispatch plan of the demo's Trainer: per event, the "
-        "subscribers in order with their priority, filter and source.",
+        description="Print the dispatch plan of a Trainer: per event, the subscribers in "
+        "order with their priority, filter, ordering constraints, source (builtin, user or "
+        "plugin:<distribution>) and ranks. Without FILE, the demo's Trainer; with FILE, the "
+        "last Trainer the Python file builds (the file runs as a script until it calls "
+        "train/validate/test/predict, which are not carried out).",
     )
     plan.add_argument("--event", default=None, help="only this event")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan.add_argument("file", nargs="?", type=Path, help="a Python file that builds a Trainer")
+    plan.add_argument("arguments", nargs=argparse.REMAINDER, help="command-line arguments for FILE")
     plan.set_defaults(run=_plan)
+
+    plugins = commands.add_parser(
+        "plugins",
+        help="list the plugin packages installed, and what loading them gives",
+        description="Print the plugin load report for this environment: every entry point "
+        "of the group 'trainbus.plugins', its distribution and version, and whether it "
+        "loads (honouring TRAINBUS_DISABLE_PLUGIN_AUTOLOAD and TRAINBUS_PLUGINS), with the "
+        "subscribers it registers or the reason it does not.",
+    )
+    plugins.add_argument("--block", action="append", default=[], help="a plugin not to load")
+    plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plugins.set_defaults(run=_plugins)
     return parser
 
 
@@ -84,12 +103,15 @@ def _demo(arguments: argparse.Namespace) -> int:
 
 
 def _plan(arguments: argparse.Namespace) -> int:
-    from trainbus.demo.run import build_trainer
+    if arguments.file is not None:
+        rows = _trainer_of_file(arguments.file, arguments.arguments).plan(arguments.event)
+    else:
+        from trainbus.demo.run import build_trainer
 
-    with tempfile.TemporaryDirectory() as scratch:
-        # The MAPS is only created by train(); building the Trainer writes nothing there.
-        trainer = build_trainer(Path(scratch) / "unused")
-        rows = trainer.plan(arguments.event)
+        with tempfile.TemporaryDirectory() as scratch:
+            # The MAPS is only created by train(); building the Trainer writes nothing there.
+            trainer = build_trainer(Path(scratch) / "unused")
+            rows = trainer.plan(arguments.event)
     if arguments.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -97,11 +119,82 @@ def _plan(arguments: argparse.Namespace) -> int:
     return 0
 
 
+class _TrainerBuilt(BaseException):
+    """Raised in place of train/validate/test/predict while a file is run for its plan."""
+
+
+def _trainer_of_file(path: Path, argv: Sequence[str] = ()) -> Any:
+    """Run ``path`` as a script until it starts a call; return the last Trainer it built."""
+    from trainbus.engine.trainer import Trainer
+
+    if not path.is_file():
+        raise ConfigurationError(f"{str(path)!r} is not a file; pass a Python file")
+    built: list[Trainer] = []
+    original_init = Trainer.__init__
+    calls = ("train", "validate", "test", "predict")
+    originals = {name: getattr(Trainer, name) for name in calls}
+
+    def record(self: Trainer, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        built.append(self)
+
+    def interrupt(self: Trainer, *_: Any, **__: Any) -> None:
+        raise _TrainerBuilt
+
+    saved_argv = sys.argv
+    Trainer.__init__ = record  # type: ignore[method-assign]
+    for name in calls:
+        setattr(Trainer, name, interrupt)
+    try:
+        sys.argv = [str(path), *argv]
+        runpy.run_path(str(path), run_name="__main__")
+    except _TrainerBuilt:
+        pass
+    except SystemExit as exc:
+        if not built:
+            raise ConfigurationError(
+                f"{str(path)!r} exited (status {exc.code!r}) before building a Trainer; give "
+                "it its arguments after the file name: trainbus plan [--event E] FILE ARGS..."
+            ) from None
+    finally:
+        sys.argv = saved_argv
+        Trainer.__init__ = original_init  # type: ignore[method-assign]
+        for name, method in originals.items():
+            setattr(Trainer, name, method)
+    if not built:
+        raise ConfigurationError(
+            f"{str(path)!r} ran to its end without building a trainbus Trainer; pass a file "
+            "that builds one (at top level or under `if __name__ == '__main__':`)"
+        )
+    return built[-1]
+
+
+def _plugins(arguments: argparse.Namespace) -> int:
+    from trainbus.events.plugins import GROUP, report
+
+    records = [record.as_dict() for record in report(block=arguments.block)]
+    if arguments.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    if not records:
+        print(f"no plugin installed (no entry point in the group {GROUP!r})")
+        return 0
+    for record in records:
+        print(
+            f"{record['name']}  {record['distribution']} {record['version']}  "
+            f"({record['entry_point']})  {record['status']}"
+            + (f": {record['reason']}" if record["reason"] else "")
+        )
+        for subscriber in record["subscribers"]:
+            print(f"    {subscriber}")
+    return 0
+
+
 def format_plan(rows: Sequence[dict[str, Any]]) -> str:
     """The plan as an aligned text table, one block per event."""
     if not rows:
         return "(no subscribers)"
-    headers = ("#", "subscriber", "priority", "filter", "source", "on_error", "ranks")
+    headers = ("#", "subscriber", "priority", "filter", "order", "source", "on_error", "ranks")
     lines: list[str] = []
     table: list[tuple[str, ...]] = [
         (
@@ -109,6 +202,7 @@ def format_plan(rows: Sequence[dict[str, Any]]) -> str:
             str(row["id"]),
             str(row["priority"]),
             str(row["filter"]),
+            str(row.get("order", "-")),
             str(row["source"]),
             str(row["on_error"]),
             "rank 0" if row["rank_zero_only"] else "all",

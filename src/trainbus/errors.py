@@ -61,6 +61,10 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint file does not match its manifest (size, hash, missing or unreadable)."""
 
 
+class PluginError(TrainbusError):
+    """A plugin could not be loaded: the message names its distribution, version and entry point."""
+
+
 class TrainbusWarning(UserWarning):
     """Base class of every warning emitted by trainbus."""
 

@@ -822,6 +822,7 @@ def test_plan_entries_describe_every_subscription() -> None:
         "on_error": "raise",
         "rank_zero_only": False,
         "active": True,
+        "order": "-",
     }
     json.dumps([entry.as_dict() for entry in plan])
 

@@ -7,6 +7,7 @@ subscriber. See :mod:`trainbus.events.catalog` for the map of where each event f
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
 import os
@@ -50,9 +51,12 @@ from trainbus.errors import (
     DataError,
     MapsError,
     ModelContractError,
+    PluginError,
     SubscriptionError,
+    TrainbusError,
     TrainbusWarning,
 )
+from trainbus.events import plugins as plugin_loader
 from trainbus.events.bus import SOURCE_BUILTIN, SOURCE_USER, EventBus
 from trainbus.events.callback import Callback
 from trainbus.events.catalog import closest_names
@@ -95,6 +99,10 @@ class Trainer:
       ``"16"``), ``compile`` (``False``, ``True`` or ``torch.compile`` keyword arguments).
     - ``seed``: seeds Python, NumPy and torch when given (recorded in ``maps.json``);
       ``deterministic``: deterministic algorithms during each call.
+    - ``plugins``: ``"auto"`` (every installed plugin package, unless
+      ``TRAINBUS_DISABLE_PLUGIN_AUTOLOAD=1``), ``False``, or the names to load; ``block``:
+      names never to load (checked before import). ``TRAINBUS_PLUGINS=a,b`` in the
+      environment is an allow list. See :mod:`trainbus.events.plugins`.
     """
 
     def __init__(
@@ -117,6 +125,8 @@ class Trainer:
         deterministic: bool = False,
         default_callbacks: bool | Iterable[type[Callback]] | Mapping[type[Callback], bool] = True,
         overwrite: bool = False,
+        plugins: Literal["auto"] | Sequence[str] | bool = "auto",
+        block: Sequence[str] = (),
     ) -> None:
         if not isinstance(model, Model):
             raise ConfigurationTypeError(
@@ -167,7 +177,11 @@ class Trainer:
             default_callbacks, Iterable
         ):
             default_callbacks = list(default_callbacks)
-        self.callbacks: list[Callback] = _resolve_callbacks(callbacks, default_callbacks)
+        self.plugins, loaded = _load_plugins(plugins, block)
+        contributed = {id(c): plugin for plugin in loaded for c in plugin.callbacks}
+        self.callbacks: list[Callback] = _resolve_callbacks(
+            callbacks, default_callbacks, [c for plugin in loaded for c in plugin.callbacks]
+        )
         self._defaults_kept = [t.__name__ for t in _kept_defaults(default_callbacks)]
         check_tag_conflicts(self.callbacks)
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -187,7 +201,20 @@ class Trainer:
         self._train_loader: Iterable[Any] | None = None
         for callback in self.callbacks:
             self._check_metric_names(callback)
-            self.bus.attach(callback, source=_source_of(callback))
+            plugin = contributed.get(id(callback))
+            if plugin is None:
+                self.bus.attach(callback, source=_source_of(callback))
+                continue
+            with _registering(plugin):
+                subscriptions = self.bus.attach(callback, source=plugin.record.info.source)
+            plugin.record.subscribers.extend(s.id for s in subscriptions)
+        for plugin in loaded:
+            for event, function, options in plugin.functions:
+                with _registering(plugin):
+                    subscription = self.bus.add(
+                        event, function, options, source=plugin.record.info.source
+                    )
+                plugin.record.subscribers.append(subscription.id)
         self._emit("trainer_init")
 
     @classmethod
@@ -944,7 +971,7 @@ class Trainer:
                 for c in self.callbacks
             ],
             "plan": self.plan(),
-            "plugins": [],
+            "plugins": [record.as_dict() for record in self.plugins],
             "calls": self._calls,
         }
 
@@ -1029,9 +1056,32 @@ def _deliver_exception(trainer: Trainer, error: BaseException) -> None:
             )
 
 
+def _load_plugins(
+    selection: object, block: object
+) -> tuple[list[plugin_loader.PluginRecord], list[plugin_loader.LoadedPlugin]]:
+    """Select (without importing) and load the plugins; the report has a row per plugin."""
+    plugin_loader.check_selection(selection)
+    records = plugin_loader.select(
+        plugin_loader.discover(),
+        selection,  # type: ignore[arg-type]  # validated just above
+        block,  # type: ignore[arg-type]  # validated by select
+    )
+    loaded = [plugin_loader.load(record) for record in records if record.status == "loaded"]
+    return records, loaded
+
+
+@contextlib.contextmanager
+def _registering(plugin: plugin_loader.LoadedPlugin) -> Iterator[None]:
+    try:
+        yield
+    except TrainbusError as exc:
+        raise PluginError(f"{plugin.record.info.describe()} failed at registration: {exc}") from exc
+
+
 def _resolve_callbacks(
     callbacks: Iterable[Callback] | None,
     defaults: bool | Iterable[type[Callback]] | Mapping[type[Callback], bool],
+    contributed: Sequence[Callback] = (),
 ) -> list[Callback]:
     given: list[Any]
     if callbacks is None:
@@ -1056,7 +1106,7 @@ def _resolve_callbacks(
     kept = _kept_defaults(defaults)
     chosen = [c for c in _default_callbacks() if type(c) in kept]
     given_types = {type(c) for c in given}
-    resolved = [c for c in chosen if type(c) not in given_types] + given
+    resolved = [c for c in chosen if type(c) not in given_types] + given + list(contributed)
     counts: dict[str, int] = {}
     ids: set[str] = set()
     for callback in resolved:

@@ -11,11 +11,12 @@ subscribed to costs one dictionary lookup.
 
 from __future__ import annotations
 
+import heapq
 import inspect
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,13 @@ from trainbus.errors import (
     HandlerFailureWarning,
     SubscriptionError,
 )
-from trainbus.events.catalog import EVENTS, EventSpec, unknown_event, validate_spec
+from trainbus.events.catalog import (
+    EVENTS,
+    PAIRED_START,
+    EventSpec,
+    unknown_event,
+    validate_spec,
+)
 from trainbus.events.commands import Command, Request, SkipStep
 from trainbus.events.marker import OnError, Options, Predicate, check_priority
 
@@ -97,6 +104,7 @@ class PlanEntry:
     on_error: str
     rank_zero_only: bool
     active: bool
+    order: str = "-"
 
     def as_dict(self) -> dict[str, Any]:
         """The entry as plain JSON-ready values."""
@@ -132,6 +140,7 @@ class EventBus:
         self._namespace = blinker.Namespace()
         self._specs: dict[str, EventSpec] = dict(EVENTS)
         self._order: dict[str, tuple[Subscription, ...]] = {}
+        self._full_order: dict[str, tuple[Subscription, ...]] = {}
         self._sequence = 0
         self._filter_memory: dict[str, dict[str, Any]] = {}
         self._accounting = _Accounting()
@@ -189,13 +198,41 @@ class EventBus:
         when: Predicate | None = None,
         on_error: OnError = "raise",
         id: str | None = None,
+        before: str | Iterable[str] = (),
+        after: str | Iterable[str] = (),
+        reverse: bool = False,
         source: str = SOURCE_USER,
         owner: str | None = None,
         rank_zero_only: bool = False,
     ) -> Subscription:
         """Subscribe ``handler`` to ``event``; every check happens here, not at dispatch."""
         check_priority(priority)
-        options = Options(priority, every, once, when, on_error, id)
+        options = Options(
+            priority,
+            every,
+            once,
+            when,
+            on_error,
+            id,
+            (before,) if isinstance(before, str) else tuple(before),
+            (after,) if isinstance(after, str) else tuple(after),
+            reverse,
+        )
+        return self.add(
+            event, handler, options, source=source, owner=owner, rank_zero_only=rank_zero_only
+        )
+
+    def add(
+        self,
+        event: str,
+        handler: Callable[..., Any],
+        options: Options,
+        *,
+        source: str = SOURCE_USER,
+        owner: str | None = None,
+        rank_zero_only: bool = False,
+    ) -> Subscription:
+        """Subscribe ``handler`` with ready-made :class:`Options` (e.g. an ``@on`` mark's)."""
         return self._subscribe(event, handler, options, source, owner, rank_zero_only)
 
     def _subscribe(
@@ -214,6 +251,11 @@ class EventBus:
                 "subscribe a function or a bound method"
             )
         wants = _wanted_payload(handler, spec)
+        if options.reverse and event not in PAIRED_START:
+            raise SubscriptionError(
+                f"reverse=True was asked for event {event!r}, which does not end a pair; "
+                f"reverse applies to {', '.join(sorted(PAIRED_START))}"
+            )
         base_id = options.id or _derived_id(handler, owner)
         taken = {sub.id for sub in self._subscriptions(event)}
         if options.id is not None and options.id in taken:
@@ -295,18 +337,49 @@ class EventBus:
                 f"{receiver!r} was connected to {signal.name!r} through blinker directly; "
                 "subscribe through bus.subscribe() or a Callback so it gets a priority and an id"
             )
-        self._rebuild(signal.name)
+        try:
+            self._rebuild(signal.name)
+        except SubscriptionError:
+            signal.disconnect(receiver)  # the order without it is rebuilt, and stays valid
+            raise
 
     def _on_disconnected(self, signal: blinker.NamedSignal, **_: Any) -> None:
         self._rebuild(signal.name)
 
     def _rebuild(self, event: str) -> None:
-        ordered = sorted(self._subscriptions(event), key=_order_key)
+        ordered = self._resolve_order(event)
+        if ordered:
+            self._full_order[event] = ordered
+        else:
+            self._full_order.pop(event, None)
         active = tuple(s for s in ordered if self.rank == 0 or not s.rank_zero_only)
         if active:
             self._order[event] = active
         else:
             self._order.pop(event, None)
+        for end, start in PAIRED_START.items():
+            if start == event and end in self._full_order:
+                self._rebuild(end)  # reversed subscribers of the end event mirror this one
+
+    def _resolve_order(self, event: str) -> tuple[Subscription, ...]:
+        """Priorities (mirrored for ``reverse``), then ``before``/``after`` constraints."""
+        subscriptions = self._subscriptions(event)
+        start = PAIRED_START.get(event)
+        if start is not None and any(s.options.reverse for s in subscriptions):
+            opened = {s.owner or s.id: s for s in reversed(self._full_order.get(start, ()))}
+
+            def key(subscription: Subscription) -> tuple[int, int]:
+                if not subscription.options.reverse:
+                    return _order_key(subscription)
+                mirror = opened.get(subscription.owner or subscription.id, subscription)
+                return (mirror.priority, -mirror.sequence)
+
+            ordered = sorted(subscriptions, key=key)
+        else:
+            ordered = sorted(subscriptions, key=_order_key)
+        if not any(s.options.before or s.options.after for s in ordered):
+            return tuple(ordered)
+        return _constrained(event, ordered)
 
     # --------------------------------------------------------------- dispatch
     def dispatch_order(self, event: str) -> tuple[Subscription, ...]:
@@ -422,7 +495,7 @@ class EventBus:
             self.spec(event)
         found: list[Subscription] = []
         for name in events:
-            found.extend(sorted(self._subscriptions(name), key=_order_key))
+            found.extend(self._full_order.get(name, ()))
         return found
 
     # ------------------------------------------------------------------- plan
@@ -447,6 +520,7 @@ class EventBus:
                     on_error=subscription.on_error,
                     rank_zero_only=subscription.rank_zero_only,
                     active=self.rank == 0 or not subscription.rank_zero_only,
+                    order=subscription.options.describe_order(),
                 )
             )
         return entries
@@ -486,6 +560,76 @@ class EventBus:
 
 def _order_key(subscription: Subscription) -> tuple[int, int]:
     return (-subscription.priority, subscription.sequence)
+
+
+def _targets(target: str, subscriptions: Sequence[Subscription]) -> list[int]:
+    """Positions of the subscriptions ``target`` names: a subscriber id, or a callback id."""
+    return [
+        index
+        for index, s in enumerate(subscriptions)
+        if s.id == target or s.owner == target or s.id.startswith(f"{target}.")
+    ]
+
+
+def _constrained(event: str, ordered: Sequence[Subscription]) -> tuple[Subscription, ...]:
+    """A topological order of the ``before``/``after`` graph, closest to ``ordered``.
+
+    Among the subscriptions free to run next, the earliest in ``ordered`` goes first, so the
+    result is deterministic and departs from the priorities only where a constraint says so.
+    """
+    successors: list[set[int]] = [set() for _ in ordered]
+    for index, subscription in enumerate(ordered):
+        for target in subscription.options.before:
+            successors[index].update(t for t in _targets(target, ordered) if t != index)
+        for target in subscription.options.after:
+            for t in _targets(target, ordered):
+                if t != index:
+                    successors[t].add(index)
+    waiting = [0] * len(ordered)
+    for targets in successors:
+        for index in targets:
+            waiting[index] += 1
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    result: list[Subscription] = []
+    while ready:
+        index = heapq.heappop(ready)
+        result.append(ordered[index])
+        for following in successors[index]:
+            waiting[following] -= 1
+            if waiting[following] == 0:
+                heapq.heappush(ready, following)
+    if len(result) < len(ordered):
+        cycle = _find_cycle(successors, [i for i, count in enumerate(waiting) if count > 0])
+        path = " -> ".join(ordered[i].id for i in [*cycle, cycle[0]])
+        raise SubscriptionError(
+            f"the before=/after= constraints of {event!r} form a cycle: {path} (each must run "
+            "before the next); remove one of these constraints"
+        )
+    return tuple(result)
+
+
+def _find_cycle(successors: Sequence[set[int]], candidates: Sequence[int]) -> list[int]:
+    """One cycle among the nodes Kahn's walk left waiting, in constraint order.
+
+    Each of them still waits for a predecessor that is left too, so walking back along
+    predecessors never stops and must come round to a node already seen.
+    """
+    allowed = set(candidates)
+    predecessors: dict[int, list[int]] = {node: [] for node in allowed}
+    for node, following in enumerate(successors):
+        if node in allowed:
+            for successor in following:
+                if successor in allowed:
+                    predecessors[successor].append(node)
+    path: list[int] = []
+    seen: dict[int, int] = {}
+    node = min(allowed)
+    while node not in seen:
+        seen[node] = len(path)
+        path.append(node)
+        node = min(predecessors[node])
+    return list(reversed(path[seen[node] :]))
 
 
 def _derived_id(handler: Callable[..., Any], owner: str | None) -> str:

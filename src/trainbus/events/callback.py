@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 from trainbus.errors import ConfigurationError, SubscriptionError
-from trainbus.events.catalog import EVENTS, EventSpec, closest_names
+from trainbus.events.catalog import EVENTS, PAIRED_START, EventSpec, closest_names
 from trainbus.events.marker import OnError, Options, check_priority, marks_of
 
 HOOK_PREFIX = "on_"
@@ -38,6 +38,9 @@ class Callback:
     - ``on_error``: ``"raise"`` (a failure stops training) or ``"log"`` (reported at the end).
     - ``rank_zero_only``: run only on rank 0 of a distributed run.
     - ``events``: custom :class:`EventSpec` s this callback declares before subscribing.
+    - ``reverse_end_events``: at the end event of each pair (``train_end``, ``epoch_end``, ...)
+      run in the mirror of the start event's order, like a context manager: a callback that
+      opens something first at ``train_start`` closes it last at ``train_end``.
 
     Override :meth:`state_dict` / :meth:`load_state_dict` for state that must survive a resume
     (stored under :attr:`callback_id`), and :meth:`config` for what goes into ``maps.json``.
@@ -48,6 +51,7 @@ class Callback:
     on_error: ClassVar[OnError] = "raise"
     rank_zero_only: ClassVar[bool] = False
     events: ClassVar[tuple[EventSpec, ...]] = ()
+    reverse_end_events: ClassVar[bool] = False
 
     @property
     def callback_id(self) -> str:
@@ -93,6 +97,8 @@ class Callback:
                         priority=priority,
                         on_error=options.on_error or cls.on_error,
                         id=options.id or f"{self.callback_id}.{name}",
+                        reverse=options.reverse
+                        or (cls.reverse_end_events and event in PAIRED_START),
                     ),
                 )
 

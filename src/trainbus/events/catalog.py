@@ -231,6 +231,20 @@ EVENTS: Mapping[str, EventSpec] = {
 }
 """The built-in events, by name, in the order they first fire."""
 
+PAIRED_START: dict[str, str] = {
+    "train_end": "train_start",
+    "epoch_end": "epoch_start",
+    "batch_end": "batch_start",
+    "backward_end": "backward_start",
+    "optimizer_step_end": "optimizer_step_start",
+    "validation_end": "validation_start",
+    "evaluation_step_end": "evaluation_step_start",
+    "validate_end": "validate_start",
+    "test_end": "test_start",
+    "predict_end": "predict_start",
+}
+"""End events and the start event each closes (``reverse=True`` mirrors the order)."""
+
 
 def closest_names(name: str, names: Iterable[str], n: int = 3) -> list[str]:
     """The names closest to ``name``, best first, for "did you mean" hints."""

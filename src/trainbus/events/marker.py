@@ -7,7 +7,7 @@ attached to a bus, a marked function in a plugin module when the plugin is enabl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -30,6 +30,11 @@ class Options:
     - ``when``: a predicate of the state snapshot, evaluated before the call.
     - ``on_error``: ``"raise"`` stops training; ``"log"`` records the failure and goes on.
     - ``id``: the stable subscriber id (default: derived from the handler's owner and name).
+    - ``before`` / ``after``: subscriber ids (or callback ids, meaning all their handlers of
+      the event) this one must run before / after, whatever the priorities say; constraints
+      on a subscriber that is not there are ignored; a cycle is refused at registration.
+    - ``reverse``: at the end event of a pair (``train_end`` for ``train_start``, ...), take
+      the mirror of the owner's position at the start event, so what opens first closes last.
     """
 
     priority: int | None = None
@@ -38,9 +43,16 @@ class Options:
     when: Predicate | None = None
     on_error: OnError | None = None
     id: str | None = None
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    reverse: bool = False
 
     def __post_init__(self) -> None:
         check_priority(self.priority, allow_none=True)
+        for name in ("before", "after"):
+            object.__setattr__(self, name, _subscriber_ids(name, getattr(self, name)))
+        if not isinstance(self.reverse, bool):
+            raise ConfigurationTypeError(f"reverse={self.reverse!r} is not a bool")
         if self.every is not None and (
             type(self.every) is not int or self.every < 1  # bool is not a count
         ):
@@ -83,6 +95,25 @@ class Options:
             parts.append(f"when={getattr(self.when, '__qualname__', repr(self.when))}")
         return ",".join(parts) or "-"
 
+    def describe_order(self) -> str:
+        """A short text of the ordering constraints, for dispatch plans ("-" when none)."""
+        parts = [f"before={i}" for i in self.before] + [f"after={i}" for i in self.after]
+        if self.reverse:
+            parts.append("reverse")
+        return ",".join(parts) or "-"
+
+
+def _subscriber_ids(name: str, value: object) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, tuple | list | set | frozenset) or not all(
+        isinstance(item, str) and item.strip() for item in items
+    ):
+        raise ConfigurationTypeError(
+            f"{name}={value!r} is not a subscriber id or a list of them; pass e.g. "
+            f"{name}='ModelCheckpointCallback' or {name}=['LoggerCallback.on_epoch_end']"
+        )
+    return tuple(sorted({item.strip() for item in items}))
+
 
 def check_priority(priority: object, *, allow_none: bool = False) -> None:
     """Raise unless ``priority`` is a plain ``int`` (``bool`` is refused)."""
@@ -112,6 +143,9 @@ def on(
     when: Predicate | None = None,
     on_error: OnError | None = None,
     id: str | None = None,
+    before: str | Iterable[str] = (),
+    after: str | Iterable[str] = (),
+    reverse: bool = False,
 ) -> Callable[[F], F]:
     """Mark a function or method as a handler of ``event``; see :class:`Options`.
 
@@ -126,12 +160,22 @@ def on(
         raise ConfigurationTypeError(
             f"@on expects an event name as a string, got {event!r}; write @on('epoch_end')"
         )
-    options = Options(priority, every, once, when, on_error, id)
+    options = Options(
+        priority, every, once, when, on_error, id, _as_tuple(before), _as_tuple(after), reverse
+    )
 
     def decorate(function: F) -> F:
         return add_mark(function, Mark(event, options))
 
     return decorate
+
+
+def _as_tuple(value: str | Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Iterable):
+        return tuple(value)
+    return value  # type: ignore[unreachable]  # refused with a clear message by Options
 
 
 def add_mark(function: F, mark: Mark) -> F:
