@@ -36,7 +36,7 @@ from trainbus.events.catalog import (
     validate_spec,
 )
 from trainbus.events.commands import Command, Request, SkipStep
-from trainbus.events.marker import OnError, Options, Predicate, check_priority
+from trainbus.events.marker import OnError, Options, Predicate, as_ids, check_priority
 
 if TYPE_CHECKING:
     from trainbus.events.callback import Callback
@@ -214,8 +214,8 @@ class EventBus:
             when,
             on_error,
             id,
-            (before,) if isinstance(before, str) else tuple(before),
-            (after,) if isinstance(after, str) else tuple(after),
+            as_ids(before),
+            as_ids(after),
             reverse,
         )
         return self.add(
@@ -574,8 +574,9 @@ def _targets(target: str, subscriptions: Sequence[Subscription]) -> list[int]:
 def _constrained(event: str, ordered: Sequence[Subscription]) -> tuple[Subscription, ...]:
     """A topological order of the ``before``/``after`` graph, closest to ``ordered``.
 
-    Among the subscriptions free to run next, the earliest in ``ordered`` goes first, so the
-    result is deterministic and departs from the priorities only where a constraint says so.
+    A subscription that must run before others moves up to just before the first of them;
+    everything else keeps its priority order. Deterministic: ties go to the earlier position
+    in ``ordered``.
     """
     successors: list[set[int]] = [set() for _ in ordered]
     for index, subscription in enumerate(ordered):
@@ -589,24 +590,44 @@ def _constrained(event: str, ordered: Sequence[Subscription]) -> tuple[Subscript
     for targets in successors:
         for index in targets:
             waiting[index] += 1
-    ready = [index for index, count in enumerate(waiting) if count == 0]
-    heapq.heapify(ready)
-    result: list[Subscription] = []
-    while ready:
-        index = heapq.heappop(ready)
-        result.append(ordered[index])
-        for following in successors[index]:
-            waiting[following] -= 1
-            if waiting[following] == 0:
-                heapq.heappush(ready, following)
-    if len(result) < len(ordered):
-        cycle = _find_cycle(successors, [i for i, count in enumerate(waiting) if count > 0])
+    walk = _topological(successors, waiting)
+    if len(walk) < len(ordered):
+        # Kahn's walk leaves exactly the nodes of a cycle, and those behind one, waiting.
+        cycle = _find_cycle(successors, sorted(set(range(len(ordered))) - set(walk)))
         path = " -> ".join(ordered[i].id for i in [*cycle, cycle[0]])
         raise SubscriptionError(
             f"the before=/after= constraints of {event!r} form a cycle: {path} (each must run "
             "before the next); remove one of these constraints"
         )
+    anchor = list(range(len(ordered)))
+    for index in reversed(walk):
+        for following in successors[index]:
+            anchor[index] = min(anchor[index], anchor[following])
+    ready = [(anchor[index], index) for index, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    result: list[Subscription] = []
+    while ready:
+        _, index = heapq.heappop(ready)
+        result.append(ordered[index])
+        for following in successors[index]:
+            waiting[following] -= 1
+            if waiting[following] == 0:
+                heapq.heappush(ready, (anchor[following], following))
     return tuple(result)
+
+
+def _topological(successors: Sequence[set[int]], waiting: Sequence[int]) -> list[int]:
+    remaining = list(waiting)
+    queue = [index for index, count in enumerate(remaining) if count == 0]
+    result = []
+    while queue:
+        index = queue.pop()
+        result.append(index)
+        for following in successors[index]:
+            remaining[following] -= 1
+            if remaining[following] == 0:
+                queue.append(following)
+    return result
 
 
 def _find_cycle(successors: Sequence[set[int]], candidates: Sequence[int]) -> list[int]:

@@ -161,7 +161,7 @@ def on(
             f"@on expects an event name as a string, got {event!r}; write @on('epoch_end')"
         )
     options = Options(
-        priority, every, once, when, on_error, id, _as_tuple(before), _as_tuple(after), reverse
+        priority, every, once, when, on_error, id, as_ids(before), as_ids(after), reverse
     )
 
     def decorate(function: F) -> F:
@@ -170,7 +170,8 @@ def on(
     return decorate
 
 
-def _as_tuple(value: str | Iterable[str]) -> tuple[str, ...]:
+def as_ids(value: str | Iterable[str]) -> tuple[str, ...]:
+    """``before=``/``after=`` as a tuple (a wrong type is refused by :class:`Options`)."""
     if isinstance(value, str):
         return (value,)
     if isinstance(value, Iterable):
