@@ -94,13 +94,9 @@ def test_a_cycle_is_refused_at_registration_naming_its_subscribers(
     for name in names[:-1]:
         bus.subscribe("epoch_end", noop, id=name, **edges[name])
     before = order(bus, "epoch_end")
-    with pytest.raises(SubscriptionError, match=rf"form a cycle: .*remove one") as caught:
+    with pytest.raises(SubscriptionError, match=r"form a cycle: .*remove one") as caught:
         bus.subscribe("epoch_end", noop, id=names[-1], **edges[names[-1]])
-    rotations = {
-        " -> ".join((cycle.split(" -> ")[:-1] * 2)[i : i + len(names)] + [x])
-        for i, x in enumerate(cycle.split(" -> ")[:-1])
-    }
-    assert any(rotation in str(caught.value) for rotation in rotations)
+    assert cycle in str(caught.value)
     assert order(bus, "epoch_end") == before  # the refused subscription left nothing behind
     assert [s.id for s in bus.subscriptions("epoch_end")] == before
 
