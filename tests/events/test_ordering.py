@@ -82,7 +82,7 @@ def test_the_order_is_deterministic_whatever_the_registration_order() -> None:
     [
         ({"a": {"before": "b"}, "b": {"before": "a"}}, "a -> b -> a"),
         ({"a": {"before": "b"}, "b": {"before": "c"}, "c": {"before": "a"}}, "a -> b -> c -> a"),
-        ({"a": {"after": "c"}, "b": {"after": "a"}, "c": {"after": "b"}}, "c -> a -> b -> c"),
+        ({"a": {"after": "c"}, "b": {"after": "a"}, "c": {"after": "b"}}, "a -> b -> c -> a"),
     ],
     ids=["two", "three-before", "three-after"],
 )

@@ -650,7 +650,9 @@ def _find_cycle(successors: Sequence[set[int]], candidates: Sequence[int]) -> li
         seen[node] = len(path)
         path.append(node)
         node = min(predecessors[node])
-    return list(reversed(path[seen[node] :]))
+    cycle = list(reversed(path[seen[node] :]))
+    start = cycle.index(min(cycle))  # named from its earliest subscriber, for stable messages
+    return cycle[start:] + cycle[:start]
 
 
 def _derived_id(handler: Callable[..., Any], owner: str | None) -> str:
