@@ -30,6 +30,15 @@ def test_constraints_override_priorities_only_where_they_say_so() -> None:
     assert order(bus, "epoch_end") == ["low", "high", "middle", "lowest"]
 
 
+def test_after_moves_the_constrained_subscriber_down_and_leaves_its_target() -> None:
+    bus = EventBus()
+    bus.subscribe("epoch_end", noop, id="high", priority=10, after="low")
+    bus.subscribe("epoch_end", noop, id="middle", priority=5)
+    bus.subscribe("epoch_end", noop, id="low", priority=0)
+    bus.subscribe("epoch_end", noop, id="lowest", priority=-5)
+    assert order(bus, "epoch_end") == ["middle", "low", "high", "lowest"]
+
+
 def test_after_a_callback_id_means_after_all_its_handlers_of_the_event() -> None:
     class Saver(Callback):
         priority = -10

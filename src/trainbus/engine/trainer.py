@@ -286,8 +286,15 @@ class Trainer:
         when: Predicate | None = None,
         on_error: OnError = "raise",
         id: str | None = None,
+        before: str | Sequence[str] = (),
+        after: str | Sequence[str] = (),
+        reverse: bool = False,
     ) -> Callable[[F], F]:
         """Decorator: subscribe a function to ``event`` on this trainer's bus.
+
+        ``before``/``after`` name subscriber ids (or callback ids) this one must precede or
+        follow whatever the priorities say; ``reverse=True`` at an end event mirrors the
+        order of the paired start event (see :class:`~trainbus.events.marker.Options`).
 
         ::
 
@@ -306,6 +313,9 @@ class Trainer:
                 when=when,
                 on_error=on_error,
                 id=id,
+                before=before,
+                after=after,
+                reverse=reverse,
                 source=SOURCE_USER,
             )
             return add_mark(function, Mark(event, subscription.options))

@@ -574,14 +574,18 @@ def _targets(target: str, subscriptions: Sequence[Subscription]) -> list[int]:
 def _constrained(event: str, ordered: Sequence[Subscription]) -> tuple[Subscription, ...]:
     """A topological order of the ``before``/``after`` graph, closest to ``ordered``.
 
-    A subscription that must run before others moves up to just before the first of them;
+    The constrained subscription moves: one that must run ``before`` others moves up to just
+    before the first of them, one that must run ``after`` others waits for the last of them;
     everything else keeps its priority order. Deterministic: ties go to the earlier position
     in ``ordered``.
     """
     successors: list[set[int]] = [set() for _ in ordered]
+    pulled_by: list[set[int]] = [set() for _ in ordered]  # before= edges only
     for index, subscription in enumerate(ordered):
         for target in subscription.options.before:
-            successors[index].update(t for t in _targets(target, ordered) if t != index)
+            targets = {t for t in _targets(target, ordered) if t != index}
+            successors[index].update(targets)
+            pulled_by[index].update(targets)
         for target in subscription.options.after:
             for t in _targets(target, ordered):
                 if t != index:
@@ -601,7 +605,7 @@ def _constrained(event: str, ordered: Sequence[Subscription]) -> tuple[Subscript
         )
     anchor = list(range(len(ordered)))
     for index in reversed(walk):
-        for following in successors[index]:
+        for following in pulled_by[index]:
             anchor[index] = min(anchor[index], anchor[following])
     ready = [(anchor[index], index) for index, count in enumerate(waiting) if count == 0]
     heapq.heapify(ready)
