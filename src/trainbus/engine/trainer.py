@@ -183,6 +183,13 @@ class Trainer:
             callbacks, default_callbacks, [c for plugin in loaded for c in plugin.callbacks]
         )
         self._defaults_kept = [t.__name__ for t in _kept_defaults(default_callbacks)]
+        for contribution in loaded:
+            replaced = [c for c in contribution.callbacks if c not in self.callbacks]
+            if replaced:
+                names = ", ".join(type(c).__name__ for c in replaced)
+                contribution.record.reason += (
+                    f"; {names} replaced by the one given in callbacks=[...]"
+                )
         check_tag_conflicts(self.callbacks)
         self.optimizers: list[torch.optim.Optimizer] = []
         self.scaler: torch.amp.GradScaler | None = None
@@ -199,15 +206,19 @@ class Trainer:
         self._resume_random: RandomStates | None = None
         self._resume_loader_generators: dict[str, torch.Tensor] | None = None
         self._train_loader: Iterable[Any] | None = None
+        self._sources: dict[str, str] = {}
         for callback in self.callbacks:
-            self._check_metric_names(callback)
             plugin = contributed.get(id(callback))
             if plugin is None:
+                self._check_metric_names(callback)
                 self.bus.attach(callback, source=_source_of(callback))
+                self._sources[callback.callback_id] = _source_of(callback)
                 continue
             with _registering(plugin):
+                self._check_metric_names(callback)
                 subscriptions = self.bus.attach(callback, source=plugin.record.info.source)
             plugin.record.subscribers.extend(s.id for s in subscriptions)
+            self._sources[callback.callback_id] = plugin.record.info.source
         for plugin in loaded:
             for event, function, options in plugin.functions:
                 with _registering(plugin):
@@ -975,7 +986,7 @@ class Trainer:
                 {
                     "id": c.callback_id,
                     "class": f"{type(c).__module__}.{type(c).__qualname__}",
-                    "source": _source_of(c),
+                    "source": self._sources[c.callback_id],
                     "config": c.config(),
                 }
                 for c in self.callbacks
@@ -1116,7 +1127,12 @@ def _resolve_callbacks(
     kept = _kept_defaults(defaults)
     chosen = [c for c in _default_callbacks() if type(c) in kept]
     given_types = {type(c) for c in given}
-    resolved = [c for c in chosen if type(c) not in given_types] + given + list(contributed)
+    # A callback given by the user replaces a default or a plugin's callback of its type.
+    resolved = [
+        *(c for c in chosen if type(c) not in given_types),
+        *given,
+        *(c for c in contributed if type(c) not in given_types),
+    ]
     counts: dict[str, int] = {}
     ids: set[str] = set()
     for callback in resolved:

@@ -279,6 +279,8 @@ def _check_api(info: PluginInfo, target: object) -> None:
         supported = declared
     else:
         supported = (declared,)
+    # True == 1 in Python: a bool is not an API version, whatever it compares equal to.
+    supported = [v for v in supported if isinstance(v, int) and not isinstance(v, bool)]
     if PLUGIN_API not in supported:
         requirement = (
             "declares no plugin API"
@@ -316,15 +318,19 @@ def _contributions(
         return [target], []
     if callable(target):
         built = target()
-        produced = [built] if isinstance(built, Callback) else built
-        if not isinstance(produced, Iterable) or not all(
+        produced: object = built
+        if isinstance(built, Callback):
+            produced = [built]
+        elif isinstance(built, Iterable) and not isinstance(built, str | bytes | Mapping):
+            produced = list(built)  # a generator is read once, here
+        if not isinstance(produced, list) or not all(
             isinstance(item, Callback) for item in produced
         ):
             raise PluginError(
                 f"{info.describe()}: its factory returned {built!r}; a factory returns a "
                 "trainbus Callback or a list of them"
             )
-        return list(produced), []
+        return produced, []
     raise PluginError(
         f"{info.describe()} names {target!r}, which is not a Callback class, a factory or a "
         "module; point the entry point at one of those"

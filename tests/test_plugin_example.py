@@ -1,0 +1,522 @@
+"""The example plugin package examples/plugins/trainbus-tensorboard, installed with pip.
+
+The package is installed once into a directory; the runs that load it through its entry point
+happen in one subprocess with that directory on ``PYTHONPATH``, so no other test sees it. The
+callback's own behaviour (arguments, the ``batch_end`` filter, crash and resume) is checked in
+this process on the source module, loaded by path without touching ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import types
+from collections.abc import Iterator
+from email.parser import Parser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import (  # type: ignore[import-untyped]
+    EventAccumulator,  # tensorboard ships no annotations
+)
+
+from trainbus import Trainer, TrainerState
+from trainbus.errors import ConfigurationError, ConfigurationTypeError
+
+from .conftest import make_loader, make_model
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "examples" / "plugins" / "trainbus-tensorboard"
+MODULE = "trainbus_tensorboard"
+SOURCE = "plugin:trainbus-tensorboard"
+ENV_EVERY = "TRAINBUS_TENSORBOARD_EVERY"
+SUBSCRIBERS = sorted(
+    f"TensorBoardCallback.{name}"
+    for name in (
+        "on_batch_end",
+        "on_epoch_end",
+        "on_exception",
+        "on_loss_logged",
+        "on_metrics_computed",
+        "on_teardown",
+        "on_test_start",
+        "on_train_start",
+        "on_validate_start",
+    )
+)
+
+
+def scalars(directory: Path, tag: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of ``tag`` as TensorBoard's own reader sees the directory."""
+    accumulator = EventAccumulator(str(directory)).Reload()
+    return [(event.step, event.value) for event in accumulator.Scalars(tag)]
+
+
+def tags(directory: Path) -> set[str]:
+    return set(EventAccumulator(str(directory)).Reload().Tags()["scalars"])
+
+
+def live_writers() -> int:
+    """Event-file writer threads still running (a writer that is not closed keeps one)."""
+    return sum(type(t).__name__ == "_AsyncWriterThread" for t in threading.enumerate())
+
+
+def rows_of(path: Path, column: str, stage: str | None = None) -> list[tuple[int, float]]:
+    """``(global_step, column)`` of a TSV file of the MAPS (of one stage for metrics.tsv)."""
+    lines = path.read_text().splitlines()
+    header = lines[0].split("\t")
+    rows = [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
+    return [
+        (int(row["global_step"]), float(row[column]))
+        for row in rows
+        if stage is None or row["stage"] == stage
+    ]
+
+
+def same_points(written: list[tuple[int, float]], expected: list[tuple[int, float]]) -> bool:
+    """Equal steps, and values equal up to float32 storage."""
+    return [step for step, _ in written] == [step for step, _ in expected] and all(
+        value == pytest.approx(reference, rel=1e-6, abs=1e-6)
+        for (_, value), (_, reference) in zip(written, expected, strict=True)
+    )
+
+
+# ------------------------------------------------------------------ the installed package
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package installed with pip into a directory (from a copy: builds write in-tree)."""
+    base = tmp_path_factory.mktemp("tensorboard-plugin")
+    source = base / "source"
+    shutil.copytree(
+        PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    )
+    target = base / "site"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (target / "trainbus_tensorboard-0.1.0.dist-info" / "entry_points.txt").is_file()
+    return target
+
+
+def plugin_environment(target: Path, **variables: str) -> dict[str, str]:
+    """This environment, with ``target`` first on PYTHONPATH and no plugin control set."""
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"TRAINBUS_DISABLE_PLUGIN_AUTOLOAD", "TRAINBUS_PLUGINS", ENV_EVERY}
+    }
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [str(target), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    environment.update(variables)
+    return environment
+
+
+RUNS_SCRIPT = """
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+from tests.conftest import make_loader, make_model
+from trainbus import Trainer
+from trainbus.errors import PluginError
+
+work = Path(sys.argv[2])
+
+
+def train(name, epochs, **options):
+    trainer = Trainer(
+        work / name, make_model(), max_epochs=epochs, log_every_n_batches=2, **options
+    )
+    trainer.train(make_loader(), make_loader(seed=1))
+    return trainer
+
+
+train("auto", 3).test(make_loader(seed=2))
+os.environ["TRAINBUS_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+train("disabled", 1)
+del os.environ["TRAINBUS_DISABLE_PLUGIN_AUTOLOAD"]
+train("blocked", 1, block=["tensorboard"])
+os.environ["TRAINBUS_TENSORBOARD_EVERY"] = "0"
+try:
+    Trainer(work / "refused", make_model())
+except PluginError as error:
+    refused = {"message": str(error), "cause": type(error.__cause__).__name__}
+else:
+    refused = None
+(work / "refused.json").write_text(json.dumps(refused))
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(installed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One subprocess: a run with plugins="auto" (train, then test), a run with autoload
+    disabled, one with the plugin blocked, and a Trainer refused for a bad variable."""
+    work = tmp_path_factory.mktemp("tensorboard-runs")
+    script = work / "runs.py"
+    script.write_text(RUNS_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), str(ROOT), str(work)],
+        env=plugin_environment(installed, **{ENV_EVERY: "2"}),
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return work
+
+
+def maps_json(work: Path, name: str) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads((work / name / "maps.json").read_text())
+    return document
+
+
+def test_the_installation_declares_the_entry_point_and_the_package(installed: Path) -> None:
+    info = installed / "trainbus_tensorboard-0.1.0.dist-info"
+    assert (info / "entry_points.txt").read_text().split() == [
+        "[trainbus.plugins]",
+        "tensorboard",
+        "=",
+        "trainbus_tensorboard:TensorBoardCallback",
+    ]
+    metadata = Parser().parsestr((info / "METADATA").read_text())
+    assert metadata["Name"] == "trainbus-tensorboard"
+    assert metadata["Version"] == "0.1.0"
+    assert metadata["Requires-Python"] == ">=3.11"
+    assert {re.split(r"[<>=!~ ]", r)[0] for r in metadata.get_all("Requires-Dist", [])} == {
+        "trainbus",
+        "tensorboard",
+    }
+    assert (installed / MODULE / "py.typed").is_file()
+    assert (installed / MODULE / "callback.py").is_file()
+
+
+def test_the_plan_shows_its_handlers_with_the_plugin_source(runs: Path) -> None:
+    plan = maps_json(runs, "auto")["plan"]
+    mine = {row["id"]: row for row in plan if row["id"].startswith("TensorBoardCallback.")}
+    assert sorted(mine) == SUBSCRIBERS
+    assert {row["source"] for row in mine.values()} == {SOURCE}
+    assert all(row["rank_zero_only"] for row in mine.values())
+    assert mine["TensorBoardCallback.on_metrics_computed"]["event"] == "metrics_computed"
+    assert mine["TensorBoardCallback.on_metrics_computed"]["filter"] == "-"
+    batch_end = mine["TensorBoardCallback.on_batch_end"]
+    assert (batch_end["event"], batch_end["filter"]) == ("batch_end", f"every={2}")
+    assert mine["TensorBoardCallback.on_loss_logged"]["event"] == "loss_logged"
+    others = [row for row in plan if row["source"] == SOURCE and row["id"] not in mine]
+    assert others == []
+
+
+def test_maps_json_reports_the_plugin_loaded_with_its_subscribers(runs: Path) -> None:
+    document = maps_json(runs, "auto")
+    assert document["plugins"] == [
+        {
+            "name": "tensorboard",
+            "entry_point": "trainbus_tensorboard:TensorBoardCallback",
+            "distribution": "trainbus-tensorboard",
+            "version": "0.1.0",
+            "status": "loaded",
+            "reason": 'plugins="auto"',
+            "subscribers": SUBSCRIBERS,
+        }
+    ]
+    configs = [c["config"] for c in document["callbacks"] if c["id"] == "TensorBoardCallback"]
+    assert configs == [{"every": 2}]
+
+
+@pytest.mark.parametrize(
+    ("tag", "stage"), [("validation/loss", "validation"), ("test/loss", "test")]
+)
+def test_the_event_files_hold_the_metrics_of_metrics_tsv(runs: Path, tag: str, stage: str) -> None:
+    maps = runs / "auto"
+    expected = rows_of(maps / "metrics.tsv", "loss", stage)
+    assert len(expected) == (3 if stage == "validation" else 1)
+    written = scalars(maps / "tensorboard", tag)
+    assert same_points(written, expected), (written, expected)
+
+
+def test_the_training_loss_is_the_one_of_training_loss_tsv(runs: Path) -> None:
+    maps = runs / "auto"
+    expected = rows_of(maps / "training_loss.tsv", "train_loss")
+    assert [step for step, _ in expected] == list(range(2, 19, 2))
+    assert same_points(scalars(maps / "tensorboard", "train/loss"), expected)
+
+
+def test_batch_end_writes_progress_every_n_batches_from_the_environment(runs: Path) -> None:
+    directory = runs / "auto" / "tensorboard"
+    assert tags(directory) == {
+        "validation/loss",
+        "test/loss",
+        "train/loss",
+        "train/samples_seen",
+        "train/learning_rate",
+    }
+    # 6 batches of 8 samples per epoch, 3 epochs, TRAINBUS_TENSORBOARD_EVERY=2.
+    assert scalars(directory, "train/samples_seen") == [(i, 8.0 * i) for i in range(2, 19, 2)]
+    assert same_points(
+        scalars(directory, "train/learning_rate"), [(i, 0.05) for i in range(2, 19, 2)]
+    )
+    # train() and test() each opened and closed a writer: one event file per call.
+    assert len(list(directory.glob("events.out.tfevents.*"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("run", "status", "reason"),
+    [
+        ("disabled", "disabled", "$TRAINBUS_DISABLE_PLUGIN_AUTOLOAD is set"),
+        ("blocked", "blocked", "named in block=[...]"),
+    ],
+)
+def test_a_plugin_that_is_not_loaded_writes_nothing(
+    runs: Path, run: str, status: str, reason: str
+) -> None:
+    document = maps_json(runs, run)
+    [record] = document["plugins"]
+    assert (record["name"], record["version"]) == ("tensorboard", "0.1.0")
+    assert (record["status"], record["reason"], record["subscribers"]) == (status, reason, [])
+    assert [row for row in document["plan"] if row["source"] == SOURCE] == []
+    assert (runs / run / "metrics.tsv").is_file()
+    assert not (runs / run / "tensorboard").exists()
+
+
+def test_an_invalid_every_variable_refuses_the_trainer_naming_the_plugin(runs: Path) -> None:
+    refused = json.loads((runs / "refused.json").read_text())
+    assert refused is not None, "the Trainer started with TRAINBUS_TENSORBOARD_EVERY=0"
+    assert refused["cause"] == "ConfigurationError"
+    message = refused["message"]
+    assert "plugin 'tensorboard'" in message
+    assert "of distribution trainbus-tensorboard 0.1.0" in message
+    assert "failed while building its callbacks" in message
+    assert "TRAINBUS_TENSORBOARD_EVERY='0' is not a positive integer" in message
+    assert not (runs / "refused").exists()
+
+
+def test_the_command_line_lists_the_plugin_and_its_subscribers(installed: Path) -> None:
+    script = Path(sys.executable).with_name("trainbus")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "trainbus.cli"]
+    result = subprocess.run(
+        [*command, "plugins"],
+        env=plugin_environment(installed),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = (
+        "tensorboard  trainbus-tensorboard 0.1.0  (trainbus_tensorboard:TensorBoardCallback)  "
+        'loaded: plugins="auto"'
+    )
+    assert header in lines
+    start = lines.index(header) + 1
+    assert [line.strip() for line in lines[start : start + len(SUBSCRIBERS)]] == SUBSCRIBERS
+
+
+# ------------------------------------------------------------ the callback, in this process
+
+
+@pytest.fixture(scope="module")
+def plugin() -> Iterator[types.ModuleType]:
+    """The package's module from its source tree (its metadata is not installed here)."""
+    init = PACKAGE / "src" / MODULE / "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        MODULE, init, submodule_search_locations=[str(init.parent)]
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name.startswith(MODULE)}
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[MODULE] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for name in [name for name in sys.modules if name.startswith(MODULE)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def test_the_callback_keeps_the_plugin_contract(plugin: types.ModuleType) -> None:
+    cls = plugin.TensorBoardCallback
+    assert cls.TRAINBUS_PLUGIN_API == 1
+    assert plugin.TRAINBUS_PLUGIN_API == 1
+    assert cls.rank_zero_only is True
+    callback = cls()
+    assert callback.every == 50
+    assert callback.config() == {"every": 50}
+    assert callback.state_dict() == {}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(None, 50), ("", 50), ("   ", 50), ("1", 1), ("7", 7), (" 12 ", 12)]
+)
+def test_every_comes_from_the_environment(
+    plugin: types.ModuleType, monkeypatch: pytest.MonkeyPatch, raw: str | None, expected: int
+) -> None:
+    if raw is None:
+        monkeypatch.delenv(ENV_EVERY, raising=False)
+    else:
+        monkeypatch.setenv(ENV_EVERY, raw)
+    assert plugin.TensorBoardCallback().every == expected
+    assert plugin.every_from_environment({} if raw is None else {ENV_EVERY: raw}) == expected
+
+
+@pytest.mark.parametrize("raw", ["0", "-3", "abc", "1.5", "1e3", "+5", "0x10", "\u0663", "2 0"])
+def test_an_invalid_environment_value_is_refused(
+    plugin: types.ModuleType, monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    monkeypatch.setenv(ENV_EVERY, raw)
+    message = re.escape(f"{ENV_EVERY}={raw!r} is not a positive integer")
+    with pytest.raises(ConfigurationError, match=message + r".*unset it for the default \(50\)"):
+        plugin.TensorBoardCallback()
+
+
+@pytest.mark.parametrize(
+    ("every", "error", "message"),
+    [
+        (True, ConfigurationTypeError, r"every=True \(bool\) is not an int"),
+        (2.0, ConfigurationTypeError, r"every=2\.0 \(float\) is not an int"),
+        ("5", ConfigurationTypeError, r"every='5' \(str\) is not an int"),
+        (0, ConfigurationError, r"every=0 is not a positive integer"),
+        (-4, ConfigurationError, r"every=-4 is not a positive integer"),
+    ],
+)
+def test_a_bad_every_argument_is_refused(
+    plugin: types.ModuleType, every: object, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=r"TensorBoardCallback: " + message):
+        plugin.TensorBoardCallback(every=every)
+
+
+def test_the_every_argument_wins_over_the_environment(
+    plugin: types.ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_EVERY, "not a number")
+    assert plugin.TensorBoardCallback(every=3).every == 3
+
+
+@pytest.mark.parametrize("every", [1, 4, 5])
+def test_batch_end_runs_every_n_batches(
+    plugin: types.ModuleType, maps_path: Path, every: int
+) -> None:
+    callback = plugin.TensorBoardCallback(every=every)
+    trainer = Trainer(
+        maps_path,
+        make_model(),
+        callbacks=[callback],
+        default_callbacks=False,
+        plugins=False,
+        max_epochs=2,
+    )
+    [row] = trainer.plan("batch_end")
+    assert (row["id"], row["filter"]) == ("TensorBoardCallback.on_batch_end", f"every={every}")
+    before = live_writers()
+    trainer.train(make_loader())
+    assert live_writers() == before
+    directory = maps_path / "tensorboard"
+    steps = [i for i in range(1, 13) if i % every == 0]
+    assert scalars(directory, "train/samples_seen") == [(i, 8.0 * i) for i in steps]
+    assert [step for step, _ in scalars(directory, "train/learning_rate")] == steps
+
+
+def test_validate_writes_its_metrics_under_its_stage(
+    plugin: types.ModuleType, maps_path: Path
+) -> None:
+    trainer = Trainer(
+        maps_path,
+        make_model(),
+        callbacks=[plugin.TensorBoardCallback()],
+        default_callbacks=False,
+        plugins=False,
+    )
+    metrics = trainer.validate(make_loader(seed=3))
+    directory = maps_path / "tensorboard"
+    assert tags(directory) == {"validate/loss"}
+    assert same_points(scalars(directory, "validate/loss"), [(0, metrics["loss"])])
+
+
+class CrashError(Exception):
+    """Stands for a crash in the middle of training."""
+
+
+def test_a_crash_keeps_what_was_written_and_a_resume_writes_each_step_once(
+    plugin: types.ModuleType, maps_path: Path
+) -> None:
+    options: dict[str, Any] = {"max_epochs": 3, "log_every_n_batches": 2, "plugins": False}
+    trainer = Trainer(
+        maps_path, make_model(), callbacks=[plugin.TensorBoardCallback(every=2)], **options
+    )
+
+    @trainer.on("batch_end")
+    def crash(*, state: TrainerState) -> None:
+        if state.iteration == 16:  # in the third epoch, after the state of the second
+            raise CrashError
+
+    before = live_writers()
+    with pytest.raises(CrashError):
+        trainer.train(make_loader(), make_loader(seed=1))
+    assert live_writers() == before
+    directory = maps_path / "tensorboard"
+    assert [step for step, _ in scalars(directory, "train/loss")] == list(range(2, 17, 2))
+    assert [step for step, _ in scalars(directory, "validation/loss")] == [6, 12]
+
+    resumed = Trainer.from_maps(
+        maps_path, make_model(), callbacks=[plugin.TensorBoardCallback(every=2)], plugins=False
+    )
+    resumed.train(make_loader(), make_loader(seed=1))
+    assert len(list(directory.glob("events.out.tfevents.*"))) == 2
+    losses = rows_of(maps_path / "training_loss.tsv", "train_loss")
+    assert [step for step, _ in losses] == list(range(2, 19, 2))
+    assert same_points(scalars(directory, "train/loss"), losses)
+    validation = rows_of(maps_path / "metrics.tsv", "loss", "validation")
+    assert [step for step, _ in validation] == [6, 12, 18]
+    assert same_points(scalars(directory, "validation/loss"), validation)
+    assert scalars(directory, "train/samples_seen") == [(i, 8.0 * i) for i in range(2, 19, 2)]
+
+
+def test_the_readme_documents_the_batch_end_choice() -> None:
+    text = (PACKAGE / "README.md").read_text()
+    assert ENV_EVERY in text
+    assert "loss_logged" in text
+    assert "host-device sync" in text
+    assert (
+        textwrap.dedent(
+            """\
+        [project.entry-points."trainbus.plugins"]
+        tensorboard = "trainbus_tensorboard:TensorBoardCallback"
+        """
+        )
+        in (PACKAGE / "pyproject.toml").read_text()
+    )
