@@ -86,15 +86,18 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
 def move_to(batch: Any, device: torch.device) -> Any:
     """Move every tensor of a (nested) batch to ``device`` (non-blocking from pinned memory)."""
     if isinstance(batch, torch.Tensor):
-        if batch.device == device:
+        if (batch.is_cpu and device.type == "cpu") or batch.device == device:
             return batch
         return batch.to(device, non_blocking=batch.is_pinned())
     if isinstance(batch, Mapping):
         return {key: move_to(value, device) for key, value in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(move_to(v, device) for v in batch))
     if isinstance(batch, list | tuple):
-        return type(batch)(move_to(v, device) for v in batch)
+        moved = [move_to(value, device) for value in batch]
+        if all(new is old for new, old in zip(moved, batch, strict=True)):
+            return batch  # already there: no new container per step
+        if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+            return type(batch)(*moved)
+        return type(batch)(moved)
     return batch
 
 
@@ -102,6 +105,12 @@ def batch_size(batch: Any) -> int:
     """Samples in a batch: the first dimension of its first tensor (host-side, no sync)."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.ndim else 1
+    if type(batch) is tuple or type(batch) is list:  # the common case, without ABC checks
+        for value in batch:
+            size = batch_size(value)
+            if size:
+                return size
+        return 1
     if isinstance(batch, Mapping):
         values: Iterable[Any] = batch.values()
     elif isinstance(batch, Sequence) and not isinstance(batch, str):

@@ -183,10 +183,14 @@ class Maps:
         with self.file(*parts).open(encoding="utf-8") as stream:
             return json.load(stream)
 
-    def append_row(self, columns: Sequence[str], row: Mapping[str, Any], *parts: str) -> Path:
+    def append_row(
+        self, columns: Sequence[str], row: Mapping[str, Any], *parts: str, durable: bool = True
+    ) -> Path:
         """Append one row to a TSV file, writing the header when the file is new.
 
         The header of an existing file must list the same columns: a run never mixes layouts.
+        The row is handed to the operating system at once, so a killed process loses nothing;
+        ``durable=True`` also fsyncs it (a power loss loses nothing either, at ~0.5 ms a row).
         """
         target = self.file(*parts)
         exists = target.exists() and target.stat().st_size > 0
@@ -206,7 +210,8 @@ class Maps:
         with target.open("a", encoding="utf-8", newline="") as stream:
             stream.write(buffer.getvalue())
             stream.flush()
-            os.fsync(stream.fileno())
+            if durable:
+                os.fsync(stream.fileno())
         return target
 
     def read_rows(self, *parts: str) -> list[dict[str, str]]:
@@ -267,6 +272,18 @@ def environment() -> dict[str, Any]:
         "platform": sys.platform,
         "packages": dict(sorted(packages.items(), key=lambda item: item[0].lower())),
     }
+
+
+def sync_file(path: Path) -> None:
+    """fsync a file if it exists (what was written to it survives a power loss)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def fsync_directory(path: Path) -> None:

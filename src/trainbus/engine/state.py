@@ -57,6 +57,8 @@ class TrainerState:
     - ``batch_idx``: 0-based index of the batch within the current loader (-1 before the first).
     - ``iteration``: training batches started since the beginning of training (1 at the first).
     - ``global_step``: optimizer steps taken (one per ``accumulate_grad_batches`` batches).
+    - ``samples_seen``: training samples of the batches started so far (the current batch
+      counts from its ``batch_start``).
     - ``train_loss``: mean training loss over the last log interval (refreshed only then:
       reading it from the device is a host-device sync).
     - ``stopped_by``/``stop_reason``: who asked to stop and why; ``stop_resumable`` whether a
@@ -129,13 +131,13 @@ class StateKeeper:
 
     def update(self, **changes: Any) -> None:
         """Record new values; the next snapshot reflects them."""
-        unknown = changes.keys() - FIELD_NAMES
-        if unknown:
+        if not FIELD_NAMES.issuperset(changes):
+            unknown = sorted(changes.keys() - FIELD_NAMES)
             raise ConfigurationError(
-                f"TrainerState has no field(s) {sorted(unknown)}; known: {sorted(FIELD_NAMES)}"
+                f"TrainerState has no field(s) {unknown}; known: {sorted(FIELD_NAMES)}"
             )
         for key, value in changes.items():
-            if isinstance(value, dict) and not isinstance(value, FrozenDict):
+            if type(value) is dict:  # FrozenDict values are kept as they are
                 changes[key] = FrozenDict(value)
         self._values.update(changes)
         self._snapshot = None

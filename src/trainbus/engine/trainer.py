@@ -157,6 +157,9 @@ class Trainer:
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.device = resolve_device(device)
+        # On the CPU, training batches are used as the loader yields them: walking each batch
+        # to find nothing to move costs microseconds per step.
+        self._moves_batches = self.device.type != "cpu"
         self.precision: Precision = resolve_precision(precision, self.device)
         if not isinstance(compile, bool | Mapping):
             raise ConfigurationTypeError(
@@ -197,8 +200,8 @@ class Trainer:
         self._pending: list[Request] = []
         self._calls: list[dict[str, Any]] = []
         self._compiled = False
-        self._loss_total: torch.Tensor | None = None
-        self._loss_count = 0
+        self._losses: list[torch.Tensor] = []  # since the last log interval, on the device
+        self._tensor_rates = False
         self._adopt_maps = False
         self._open_group = 0
         self._epoch_start: EpochStart | None = None
@@ -472,18 +475,24 @@ class Trainer:
         for batch_idx, (batch, is_last) in enumerate(_numbered(batches, first, total), first):
             seen_any = True
             iteration = state.get("iteration") + 1
-            state.update(batch_idx=batch_idx, iteration=iteration)
+            # One change per batch start: samples_seen counts this batch from batch_start on.
+            state.update(
+                batch_idx=batch_idx,
+                iteration=iteration,
+                samples_seen=state.get("samples_seen") + batch_size(batch),
+            )
             loss: torch.Tensor | None = None
             losses: Mapping[str, torch.Tensor] | None = None
             if not self._emit_skippable("batch_start", batch=batch):
-                batch = move_to(batch, self.device)
+                if self._moves_batches:
+                    batch = move_to(batch, self.device)
                 self._emit("forward_start", batch=batch)
                 with self.precision.autocast():
                     loss, losses = _loss_of(model.forward_step(batch))
                 if not self._emit_skippable(
                     "backward_start", batch=batch, loss=loss, losses=losses
                 ):
-                    scaled = loss / accumulate
+                    scaled = loss / accumulate if accumulate > 1 else loss
                     if self.scaler is not None:
                         scaled = self.scaler.scale(scaled)
                     model.backward_step(scaled)
@@ -493,11 +502,13 @@ class Trainer:
                         self._optimizer_step(self._open_group)
                         self._open_group = 0
                 self._track_loss(loss)
-            state.update(samples_seen=state.get("samples_seen") + batch_size(batch))
             self._position["batches_done"] = batch_idx + 1
             if iteration % log_every == 0 or is_last:
                 self._log_loss()
-            self._emit("batch_end", batch=batch, loss=_detached(loss), losses=_detached_all(losses))
+            if self.bus.has_subscribers("batch_end"):
+                self._emit(
+                    "batch_end", batch=batch, loss=_detached(loss), losses=_detached_all(losses)
+                )
             self._save_pending()
             if not stop_before_epoch and self._stop_requested():
                 if self._open_group:
@@ -538,10 +549,15 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update()
         self._zero_grad()
-        self._state.update(
-            global_step=self._state.get("global_step") + 1,
-            **_learning_rates(self.optimizers, read_tensors=False),
-        )
+        step = self._state.get("global_step") + 1
+        rates = tuple(group["lr"] for o in self.optimizers for group in o.param_groups)
+        if self._tensor_rates or rates == self._state.get("learning_rates"):
+            # Unchanged (the common case), or tensors: comparing those is a host-device sync,
+            # so they are read at log intervals only.
+            self._state.update(global_step=step)
+        else:
+            rates_now = _learning_rates(self.optimizers, read_tensors=False)
+            self._state.update(global_step=step, **rates_now)
         self._emit("optimizer_step_end", optimizers=self.optimizers)
 
     def _zero_grad(self) -> None:
@@ -549,16 +565,15 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
 
     def _track_loss(self, loss: torch.Tensor) -> None:
-        # Accumulated on the device: reading it is a host-device sync, done at log intervals.
-        value = loss.detach().float()
-        self._loss_total = value if self._loss_total is None else self._loss_total + value
-        self._loss_count += 1
+        # Kept on the device, summed and read at log intervals only (a host-device sync);
+        # appending costs no kernel launch per step.
+        self._losses.append(loss.detach())
 
     def _log_loss(self) -> None:
-        if self._loss_total is None or not self._loss_count:
+        if not self._losses:
             return
-        mean = float((self._loss_total / self._loss_count).item())  # host-device sync
-        self._loss_total, self._loss_count = None, 0
+        mean = float(torch.stack(self._losses).float().mean().item())  # host-device sync
+        self._losses = []
         self._state.update(train_loss=mean, **_learning_rates(self.optimizers, read_tensors=True))
         self._emit("loss_logged", train_loss=mean)
 
@@ -712,10 +727,8 @@ class Trainer:
             "epoch_start": (
                 self._epoch_start.as_dict() if in_epoch and self._epoch_start else None
             ),
-            "loss": {
-                "total": None if self._loss_total is None else self._loss_total.cpu(),
-                "count": self._loss_count,
-            },
+            # The losses themselves, not their sum: the resumed run sums them in the same order.
+            "losses": torch.stack(self._losses).cpu() if self._losses else None,
             "callbacks": {c.callback_id: c.state_dict() for c in self.callbacks},
         }
         document = {
@@ -809,10 +822,8 @@ class Trainer:
         self._state.update(**restored)
         self.bus.load_state_dict(document["bus"])
         self._load_callback_states(tensors["callbacks"], found.path.name)
-        loss = tensors["loss"]
-        total = loss["total"]
-        self._loss_total = None if total is None else total.to(self.device)
-        self._loss_count = int(loss["count"])
+        losses = tensors["losses"]
+        self._losses = [] if losses is None else list(losses.to(self.device).unbind())
         self._position = dict(position)
         self._resume_random = tensors["random"]
         self._resume_loader_generators = tensors["loader_generators"]
@@ -896,6 +907,11 @@ class Trainer:
                     "torch.optim.Optimizer or a non-empty list of them"
                 )
             self.optimizers = optimizers
+            self._tensor_rates = any(
+                isinstance(group["lr"], torch.Tensor)
+                for o in optimizers
+                for group in o.param_groups
+            )
             self.scaler = self.precision.grad_scaler()
             self._state.update(**_learning_rates(self.optimizers, read_tensors=True))
             self._write_maps_config()

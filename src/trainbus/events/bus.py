@@ -41,6 +41,7 @@ from trainbus.events.marker import OnError, Options, Predicate, as_ids, check_pr
 if TYPE_CHECKING:
     from trainbus.events.callback import Callback
 
+Wants = tuple[str, ...] | None
 Payload = Mapping[str, Any]
 
 SOURCE_BUILTIN = "builtin"
@@ -68,11 +69,18 @@ class Subscription:
     rank_zero_only: bool
     on_error: OnError
     filtered: bool
-    calls: int = 0
+    counted_calls: int = 0
+    fast_counter: list[int] | None = None  # the dispatch count of the event's fast path
     timed_calls: int = 0
     seconds: float = 0.0
     seen: int = 0
     fired_once: bool = False
+
+    @property
+    def calls(self) -> int:
+        """How many times the handler was called (always counted, settled when read)."""
+        pending = self.fast_counter[0] if self.fast_counter is not None else 0
+        return self.counted_calls + pending
 
     @property
     def memory_key(self) -> str:
@@ -88,6 +96,16 @@ class Subscription:
     def __call__(self, sender: object, **payload: Any) -> Any:
         """blinker receiver protocol, for ``bus.signal(name).send(...)`` in tests and tools."""
         return self.invoke(payload)
+
+
+@dataclass(frozen=True, slots=True)
+class _FastPlan:
+    """An event's plain subscriptions, the payload-name groups they ask for, and a counter."""
+
+    subscribers: tuple[Subscription, ...]
+    groups: tuple[Wants, ...]
+    counter: list[int]
+    uniform: bool  # every subscription asks for the same payload names: groups[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +159,9 @@ class EventBus:
         self._specs: dict[str, EventSpec] = dict(EVENTS)
         self._order: dict[str, tuple[Subscription, ...]] = {}
         self._full_order: dict[str, tuple[Subscription, ...]] = {}
+        # Events whose every active subscription is plain (no filter, on_error="raise") take
+        # the fast path: no per-call bookkeeping; call counts are settled when read.
+        self._fast: dict[str, _FastPlan] = {}
         self._sequence = 0
         self._filter_memory: dict[str, dict[str, Any]] = {}
         self._accounting = _Accounting()
@@ -357,6 +378,20 @@ class EventBus:
             self._order[event] = active
         else:
             self._order.pop(event, None)
+        previous = self._fast.pop(event, None)
+        if previous is not None:
+            for subscription in previous.subscribers:
+                subscription.counted_calls = subscription.calls
+                subscription.fast_counter = None
+        if active and not any(s.filtered or s.on_error == "log" for s in active):
+            groups: list[Wants] = []
+            for subscription in active:
+                if subscription.wants not in groups:
+                    groups.append(subscription.wants)
+            counter = [0]
+            for subscription in active:
+                subscription.fast_counter = counter
+            self._fast[event] = _FastPlan(active, tuple(groups), counter, len(groups) == 1)
         for end, start in PAIRED_START.items():
             if start == event and end in self._full_order:
                 self._rebuild(end)  # reversed subscribers of the end event mirror this one
@@ -413,29 +448,65 @@ class EventBus:
             timed = count % accounting.sample_every == 0
         else:
             timed = False
-        spec = self._specs[event]
+        fast = self._fast.get(event)
+        if fast is not None and not timed and fast.subscribers is subscribers:
+            # The hot path: plain subscriptions, no sampled timing.
+            if not fast.uniform:
+                return self._dispatch_fast(event, fast, payload)
+            wants = fast.groups[0]
+            keywords = payload if wants is None else {name: payload[name] for name in wants}
+            fast.counter[0] += 1
+            found: list[Request] | None = None
+            current = subscribers[0]
+            try:
+                for current in subscribers:
+                    result = current.handler(**keywords)
+                    if result is not None:
+                        if found is None:
+                            found = []
+                        found.extend(_requests(result, current, self._specs[event], self._specs))
+            except Exception as exc:
+                self._fast_failure(event, fast, current, exc)
+                raise
+            return [] if found is None else found
         counter = 0
-        if spec.counter is not None and any(s.filtered for s in subscribers):
-            counter = int(getattr(payload["state"], spec.counter))
-        requests: list[Request] = []
+        filtered = any(s.filtered for s in subscribers)
+        if filtered:
+            name = self._specs[event].counter
+            if name is not None:
+                counter = int(getattr(payload["state"], name))
+        requests: list[Request] | None = None
+        # Handlers asking for the same payload names share one keyword dict per dispatch.
+        arguments: dict[tuple[str, ...], Payload] = {}
         for subscription in subscribers:
-            if subscription.filtered:
-                if spec.counter is None:
+            if filtered and subscription.filtered:
+                if self._specs[event].counter is None:
                     subscription.seen += 1
                     counter = subscription.seen
                 if not self._passes(subscription, counter, payload):
                     continue
-            subscription.calls += 1
+            wants = subscription.wants
+            if wants is None:
+                keywords = payload
+            elif wants in arguments:
+                keywords = arguments[wants]
+            else:
+                keywords = arguments[wants] = {name: payload[name] for name in wants}
+            subscription.counted_calls += 1
             try:
                 if timed:
                     started = time.perf_counter()
-                    result = subscription.invoke(payload)
+                    result = subscription.handler(**keywords)
                     subscription.seconds += time.perf_counter() - started
                     subscription.timed_calls += 1
                 else:
-                    result = subscription.invoke(payload)
+                    result = subscription.handler(**keywords)
                 if result is not None:
-                    requests.extend(_requests(result, subscription, spec, self._specs))
+                    if requests is None:
+                        requests = []
+                    requests.extend(
+                        _requests(result, subscription, self._specs[event], self._specs)
+                    )
             except Exception as exc:
                 if subscription.on_error == "log":
                     self._record_failure(subscription, exc, counter)
@@ -445,7 +516,35 @@ class EventBus:
                     f"while handling event {event!r}"
                 )
                 raise
-        return requests
+        return [] if requests is None else requests
+
+    def _dispatch_fast(self, event: str, plan: _FastPlan, payload: Payload) -> list[Request]:
+        """Plain subscriptions only: the handler calls and one counter, nothing per call."""
+        shared = {
+            wants: payload if wants is None else {name: payload[name] for name in wants}
+            for wants in plan.groups
+        }
+        plan.counter[0] += 1
+        requests: list[Request] | None = None
+        current = plan.subscribers[0]
+        try:
+            for current in plan.subscribers:
+                result = current.handler(**shared[current.wants])
+                if result is not None:
+                    if requests is None:
+                        requests = []
+                    requests.extend(_requests(result, current, self._specs[event], self._specs))
+        except Exception as exc:
+            self._fast_failure(event, plan, current, exc)
+            raise
+        return [] if requests is None else requests
+
+    @staticmethod
+    def _fast_failure(event: str, plan: _FastPlan, failed: Subscription, exc: Exception) -> None:
+        exc.add_note(f"trainbus: raised by handler {failed.id!r} while handling event {event!r}")
+        # The counter counted the whole dispatch: those after the failing handler were not called.
+        for later in plan.subscribers[plan.subscribers.index(failed) + 1 :]:
+            later.counted_calls -= 1
 
     def _passes(self, subscription: Subscription, counter: int, payload: Payload) -> bool:
         options = subscription.options
