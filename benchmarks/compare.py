@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 import trainbus
-from trainbus import Callback, SupervisedModel, Trainer
+from trainbus import SupervisedModel, Trainer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Runner = Callable[[nn.Module, list[Batch]], None]
@@ -123,9 +123,7 @@ def raw_with_callbacks(count: int) -> Runner:
         optimizer = torch.optim.SGD(network.parameters(), lr=LR)
         loss_function = nn.CrossEntropyLoss()
         network.train()
-        step = 0
-        for batch in batches:
-            step += 1
+        for step, batch in enumerate(batches, 1):
             inputs, target = batch
             for callback in callbacks:
                 callback(step=step, batch=batch)
@@ -370,8 +368,9 @@ def main() -> None:
     runners = contenders(arguments.subscribers)
     print(
         f"model {arguments.model}, {steps} and {3 * steps} steps, {repeats} repeats, "
-        f"torch {torch.__version__} ({arguments.threads} thread), trainbus {trainbus.__version__}, "
-        f"python {platform.python_version()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
+        f"torch {torch.__version__} ({arguments.threads} thread), "
+        f"trainbus {trainbus.__version__}, python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
     )
     results = measure(runners, arguments.model, steps, repeats, seed=0)
     print(
