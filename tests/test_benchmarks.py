@@ -32,6 +32,28 @@ def test_dispatch_benchmark_reports_every_subscriber_count() -> None:
         timeout=300,
         check=True,
     )
-    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    lines = result.stdout.splitlines()
+    rows = [line.split() for line in lines[2:6]]
     assert [row[0] for row in rows] == ["0", "1", "10", "100"]
     assert all(float(row[1]) > 0 for row in rows)
+    assert lines[6].startswith("snapshot: ")
+    assert [line.split(",")[1].split()[0] for line in lines[7:9]] == ["every=", "when="]
+
+
+def test_compare_reports_every_contender_or_says_why_it_is_skipped() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "compare.py"), "--quick", "--subscribers", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if line[:1].isalpha()}
+    for name in ("raw", "raw+3", "trainbus+3", "trainbus-defaults"):
+        assert name in rows, result.stdout
+        assert float(rows[name][1]) > 0
+    assert float(rows["raw"][3]) == 1.0
+    for peer, contenders in (("ignite", ("ignite+3", "ignite")), ("lightning", ("lightning+3",))):
+        skipped = any(line.startswith(f"{peer}: not installed") for line in lines)
+        assert skipped or all(name in rows for name in contenders), result.stdout

@@ -1002,3 +1002,31 @@ def test_skip_step_error_lists_custom_skippable_events_too() -> None:
 
     with pytest.raises(CommandError, match="augment_start"):
         emit(bus, "epoch_end")
+
+
+def test_call_counts_stay_exact_on_the_fast_path() -> None:
+    bus = EventBus()
+    first = bus.subscribe("batch_end", record_epoch, id="first")
+    emit(bus, "batch_end", State())
+    emit(bus, "batch_end", State())
+    second = bus.subscribe("batch_end", record_epoch, id="second")  # rebuilds the plan
+    emit(bus, "batch_end", State())
+    bus.measure_time(2)  # every second dispatch goes through the timed path
+    emit(bus, "batch_end", State())
+    emit(bus, "batch_end", State())
+    assert (first.calls, second.calls) == (5, 3)
+    assert first.timed_calls == 1
+
+
+def test_a_failing_handler_on_the_fast_path_is_named_and_later_ones_are_not_counted() -> None:
+    def fail(*, state: State) -> None:
+        raise RuntimeError("broken")
+
+    bus = EventBus()
+    before = bus.subscribe("batch_end", record_epoch, id="before", priority=1)
+    failing = bus.subscribe("batch_end", fail, id="failing")
+    after = bus.subscribe("batch_end", record_epoch, id="after", priority=-1)
+    with pytest.raises(RuntimeError, match="broken") as caught:
+        emit(bus, "batch_end", State())
+    assert "handler 'failing' while handling event 'batch_end'" in "".join(caught.value.__notes__)
+    assert (before.calls, failing.calls, after.calls) == (1, 1, 0)
