@@ -25,24 +25,27 @@ def _noop(*, state: _State) -> None:
     return None
 
 
+PAYLOAD = {
+    "state": _State(),
+    "model": None,
+    "maps": None,
+    "batch": None,
+    "loss": None,
+    "losses": None,
+}
+"""What the Trainer passes with ``batch_end``."""
+
+
 def measure(subscribers: int, number: int, repeat: int) -> float:
     """Seconds per dispatch of ``batch_end`` with ``subscribers`` no-op handlers."""
     bus = EventBus()
     for index in range(subscribers):
         bus.subscribe("batch_end", _noop, id=f"noop-{index}")
-    payload = {
-        "state": _State(),
-        "model": None,
-        "maps": None,
-        "batch": None,
-        "loss": None,
-        "losses": None,
-    }
 
     def dispatch_once() -> None:
         order = bus.dispatch_order("batch_end")
         if order:
-            bus.dispatch("batch_end", order, payload)
+            bus.dispatch("batch_end", order, PAYLOAD)
 
     return min(timeit.repeat(dispatch_once, number=number, repeat=repeat)) / number
 
@@ -69,17 +72,9 @@ def measure_filtered(kind: str, number: int, repeat: int) -> float:
             bus.subscribe("batch_end", _noop, id=f"f-{index}", every=1_000_000)
         else:
             bus.subscribe("batch_end", _noop, id=f"f-{index}", when=_never)
-    payload = {
-        "state": _State(),
-        "model": None,
-        "maps": None,
-        "batch": None,
-        "loss": None,
-        "losses": None,
-    }
 
     def dispatch_once() -> None:
-        bus.dispatch("batch_end", bus.dispatch_order("batch_end"), payload)
+        bus.dispatch("batch_end", bus.dispatch_order("batch_end"), PAYLOAD)
 
     return min(timeit.repeat(dispatch_once, number=number, repeat=repeat)) / number
 

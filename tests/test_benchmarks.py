@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,7 @@ def test_compare_reports_every_contender_or_says_why_it_is_skipped() -> None:
     rows = {line.split()[0]: line.split() for line in lines if line[:1].isalpha()}
     for name in ("raw", "raw+3", "trainbus+3", "trainbus-defaults"):
         assert name in rows, result.stdout
-        assert float(rows[name][1]) > 0
+        assert math.isfinite(float(rows[name][1]))  # a smoke run: no timing is asserted
     assert float(rows["raw"][3]) == 1.0
     for peer, contenders in (("ignite", ("ignite+3", "ignite")), ("lightning", ("lightning+3",))):
         skipped = any(line.startswith(f"{peer}: not installed") for line in lines)

@@ -28,6 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import (  # type: ig
     EventAccumulator,  # tensorboard ships no annotations
 )
 
+from tests.installing import pip_install
 from trainbus import Trainer, TrainerState
 from trainbus.errors import ConfigurationError, ConfigurationTypeError
 
@@ -101,27 +102,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
     )
     target = base / "site"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--disable-pip-version-check",
-            "--target",
-            str(target),
-            str(source),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    pip_install(target, source)
     assert (target / "trainbus_tensorboard-0.1.0.dist-info" / "entry_points.txt").is_file()
     return target
 

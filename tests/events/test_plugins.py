@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.installing import pip_install
 from trainbus import Callback, Trainer
 from trainbus.cli import main
 from trainbus.errors import (
@@ -43,27 +44,7 @@ def plugin_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("plugin-target")
     for distribution in DISTRIBUTIONS:
         _write_distribution(sources / distribution.name, distribution)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--disable-pip-version-check",
-            "--target",
-            str(target),
-            *(str(sources / distribution.name) for distribution in DISTRIBUTIONS),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    pip_install(target, *(sources / distribution.name for distribution in DISTRIBUTIONS))
     return target
 
 

@@ -276,26 +276,28 @@ def environment() -> dict[str, Any]:
 
 def sync_file(path: Path) -> None:
     """fsync a file if it exists (what was written to it survives a power loss)."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    _fsync(path, best_effort=False)
 
 
 def fsync_directory(path: Path) -> None:
     """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
+    _fsync(path, best_effort=True)
+
+
+def _fsync(path: Path, *, best_effort: bool) -> None:
     try:
         descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
+    except FileNotFoundError:
         return
+    except OSError:
+        if best_effort:
+            return
+        raise
     try:
         os.fsync(descriptor)
     except OSError:
-        pass
+        if not best_effort:
+            raise
     finally:
         os.close(descriptor)
 

@@ -1181,15 +1181,7 @@ _REUSED_SETTINGS = (
 )
 """Settings :meth:`Trainer.from_maps` reads back from ``maps.json`` (not the device)."""
 
-_EXACTNESS_SETTINGS = (
-    "val_every_n_epochs",
-    "log_every_n_batches",
-    "accumulate_grad_batches",
-    "gradient_clip_val",
-    "gradient_clip_algorithm",
-    "precision",
-    "deterministic",
-)
+_EXACTNESS_SETTINGS = tuple(s for s in _REUSED_SETTINGS if s not in {"max_epochs", "compile"})
 """Settings that, changed at a resume, make it differ from the interrupted run."""
 
 
