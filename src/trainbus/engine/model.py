@@ -142,6 +142,8 @@ class SupervisedModel(Model):
 
 
 def _split(batch: Any) -> tuple[Any, Any]:
+    if (type(batch) is tuple or type(batch) is list) and len(batch) == 2:
+        return batch[0], batch[1]  # the common case, without abstract-class checks
     if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 2:
         return batch[0], batch[1]
     if isinstance(batch, Mapping) and "input" in batch and "target" in batch:
