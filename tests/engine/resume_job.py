@@ -6,6 +6,8 @@ dropout on a ``shuffle=True`` loader that has no generator of its own (the globa
 generator draws its permutations; ``--own-generator`` gives it one), with early stopping,
 and writes the final weights and optimizer state to OUT. ``--kill-*`` sends SIGKILL to the
 process itself at that point: nothing is flushed or cleaned up, as when a cluster kills a job.
+``--signal-at-iteration I --signal SIGTERM|SIGINT`` sends that signal instead, and again while
+the training state is written.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def main() -> None:
     parser.add_argument("--every-n-steps", type=int)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--own-generator", action="store_true")
+    parser.add_argument("--signal-at-iteration", type=int)
+    parser.add_argument("--signal", choices=("SIGTERM", "SIGINT"), default="SIGTERM")
     parser.add_argument("--resume", action="store_true")
     options = parser.parse_args()
 
@@ -98,6 +102,16 @@ def main() -> None:
     def kill_in_training(*, state: TrainerState) -> None:
         if state.iteration == options.kill_at_iteration:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    @trainer.on("batch_end")
+    def signal_in_training(*, state: TrainerState) -> None:
+        if state.iteration == options.signal_at_iteration:
+            os.kill(os.getpid(), signal.Signals[options.signal])
+
+    @trainer.on("checkpoint")
+    def signal_again_while_saving(*, state: TrainerState, kind: str) -> None:
+        if kind == "training" and state.iteration == options.signal_at_iteration:
+            os.kill(os.getpid(), signal.Signals[options.signal])  # recorded, changes nothing
 
     @trainer.on("evaluation_step_end")
     def kill_in_validation(*, state: TrainerState) -> None:

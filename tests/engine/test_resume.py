@@ -24,7 +24,9 @@ JOB = Path(__file__).with_name("resume_job.py")
 EPOCHS = 8  # early stopping ends the uninterrupted run after epoch 6
 
 
-def run_job(maps: Path, out: Path, *arguments: str, expect_kill: bool = False) -> None:
+def run_job(
+    maps: Path, out: Path, *arguments: str, expect_kill: bool = False, status: int = 0
+) -> None:
     completed = subprocess.run(
         [sys.executable, str(JOB), str(maps), str(out), *arguments],
         capture_output=True,
@@ -36,7 +38,7 @@ def run_job(maps: Path, out: Path, *arguments: str, expect_kill: bool = False) -
         assert completed.returncode == -signal.SIGKILL, completed.stderr[-3000:]
         assert not out.exists()
     else:
-        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert completed.returncode == status, completed.stderr[-3000:]
 
 
 def outcome(maps: Path, out: Path) -> dict[str, Any]:
@@ -154,3 +156,19 @@ def test_a_killed_run_leaves_rows_that_the_resume_rewrites_once(
     iterations = [int(line.split("\t")[2]) for line in rows[1:]]
     assert iterations == sorted(set(iterations))
     assert uninterrupted(False)["training_loss"] == (maps / "training_loss.tsv").read_text()
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_saves_at_the_next_step_exits_128_plus_signum_and_resumes_exactly(
+    name: str, uninterrupted: Callable[[bool], dict[str, Any]], tmp_path: Path
+) -> None:
+    maps, out = tmp_path / "maps", tmp_path / "out.pt"
+    number = signal.Signals[name]
+    run_job(maps, out, "--signal-at-iteration", "13", "--signal", name, status=128 + number)
+    assert not out.exists()  # train() did not return: the process exited
+    states = sorted(p.name for p in (maps / "training").iterdir() if p.name.startswith("state-"))
+    assert "state-0000000013" in states  # written at the boundary after the signal
+    stop = json.loads((maps / "maps.json").read_text())["calls"][-1]["stop"]
+    assert stop == {"by": "trainbus.signal", "reason": f"received {name}", "resumable": True}
+    run_job(maps, out, "--resume", "--epochs", str(EPOCHS))
+    assert_same_training(uninterrupted(False), outcome(maps, out))

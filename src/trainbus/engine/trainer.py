@@ -43,6 +43,7 @@ from trainbus.engine.resume import (
     restore_random_states,
     resumed_iterator,
 )
+from trainbus.engine.signals import StopSignals
 from trainbus.engine.state import StateKeeper, TrainerState
 from trainbus.errors import (
     CheckpointError,
@@ -202,6 +203,7 @@ class Trainer:
         self._compiled = False
         self._losses: list[torch.Tensor] = []  # since the last log interval, on the device
         self._tensor_rates = False
+        self._signals = StopSignals()
         self._adopt_maps = False
         self._open_group = 0
         self._epoch_start: EpochStart | None = None
@@ -375,7 +377,7 @@ class Trainer:
             raise ConfigurationTypeError(f"resume={resume!r} is not a bool")
         found = self._resume_point() if resume else None
         self._train_loader = train_loader
-        with self._call("train", adopt=found is not None):
+        with StopSignals() as self._signals, self._call("train", adopt=found is not None):
             self._prepare_training()
             if found is not None:
                 self._restore(found, train_loader)
@@ -387,7 +389,18 @@ class Trainer:
                 self._run_epoch(train_loader, val_loader)
             self._emit("train_end")
             self._save_pending()
+        if self._signals.received is not None:
+            # After teardown: logs are flushed and the training state is written.
+            raise SystemExit(128 + self._signals.received)
         return self.state
+
+    def _stop_on_signal(self, event: str) -> None:
+        """A signal arrived: write a training state here, and stop (resumable)."""
+        if self._signals.received is None or self._stop_requested() or self._open_group:
+            return
+        reason = f"received {self._signals.name}"
+        self._accept([Request(Stop(reason, resumable=True), SIGNAL_SOURCE, event)])
+        self._write_training_state(Request(SaveTrainingState(reason), SIGNAL_SOURCE, event))
 
     def _run_epoch(self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None) -> None:
         epoch = self._position["epoch"]
@@ -428,6 +441,7 @@ class Trainer:
         # continues with the batches that were left.
         self._emit("epoch_end")
         self._save_pending()
+        self._stop_on_signal("epoch_end")
 
     def validate(self, loader: Iterable[Any]) -> dict[str, float]:
         """Compute the metrics on ``loader``; returns them as floats."""
@@ -510,6 +524,7 @@ class Trainer:
                     "batch_end", batch=batch, loss=_detached(loss), losses=_detached_all(losses)
                 )
             self._save_pending()
+            self._stop_on_signal("batch_end")
             if not stop_before_epoch and self._stop_requested():
                 if self._open_group:
                     self._open_group = 0
@@ -1164,6 +1179,9 @@ def _resolve_callbacks(
         ids.add(callback.callback_id)
     return resolved
 
+
+SIGNAL_SOURCE = "trainbus.signal"
+"""``state.stopped_by`` when SIGTERM or SIGINT stopped training."""
 
 STATE_FORMAT = "trainbus-training-state/1"
 """Format of a training state's ``state.json``."""
