@@ -49,6 +49,10 @@ class MapsExistsError(MapsError, FileExistsError):
     """The experiment directory already exists and overwriting was not asked for."""
 
 
+class MapsLockedError(MapsError):
+    """Another live process is using the experiment directory (the message names it)."""
+
+
 class UnsafePathError(MapsError, ValueError):
     """A name written into the MAPS would escape it (``..``, absolute path, separator)."""
 

@@ -287,6 +287,7 @@ def test_the_directory_is_created_by_the_first_call_not_by_construction(
     trainer.validate(make_loader(16))
     assert trainer.maps.created
     assert sorted(p.name for p in maps_path.iterdir()) == [
+        ".lock",
         "checkpoints",
         "environment.json",
         "logs",
@@ -321,3 +322,57 @@ def test_overwrite_refuses_a_non_empty_directory_without_maps_json(tmp_path: Pat
     ):
         Trainer(path, make_model(), overwrite=True)
     assert (path / "thesis.tex").read_text() == "years of work"
+
+
+HOLDER = """
+import sys, time
+from trainbus import Maps
+maps = Maps(sys.argv[1])
+maps.adopt()
+maps.lock()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_maps_in_use_is_refused_naming_its_owner_and_a_killed_owner_is_recovered(
+    maps_path: Path,
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from trainbus import TrainingCheckpointCallback
+    from trainbus.errors import MapsLockedError
+
+    first = Trainer(
+        maps_path, make_model(), callbacks=[TrainingCheckpointCallback()], default_callbacks=False
+    )
+    first.max_epochs = 1
+    first.train(make_loader())
+    assert "recovered_lock" not in first.maps.read_json("maps.json")["calls"][-1]  # released
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(maps_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        before = (maps_path / "maps.json").read_text()
+        resumed = Trainer.from_maps(
+            maps_path, make_model(), callbacks=[TrainingCheckpointCallback()], max_epochs=2
+        )
+        with pytest.raises(MapsLockedError, match=rf"in use by process {holder.pid} on "):
+            resumed.train(make_loader())
+        replacing = Trainer(maps_path, make_model(), default_callbacks=False, overwrite=True)
+        with pytest.raises(MapsLockedError, match="in use by process"):
+            replacing.train(make_loader())
+        assert (maps_path / "maps.json").read_text() == before  # nothing written, nothing lost
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    again = Trainer.from_maps(
+        maps_path, make_model(), callbacks=[TrainingCheckpointCallback()], max_epochs=2
+    )
+    state = again.train(make_loader())
+    assert state.global_step == 12
+    record = again.maps.read_json("maps.json")["calls"][-1]
+    assert record["recovered_lock"]["pid"] == holder.pid

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime as _dt
 import io
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -35,8 +37,14 @@ from trainbus.errors import (
     ConfigurationTypeError,
     MapsError,
     MapsExistsError,
+    MapsLockedError,
     UnsafePathError,
 )
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory locks, the MAPS is not locked
+    fcntl = None  # type: ignore[assignment]
 
 MAPS_FILE = "maps.json"
 ENVIRONMENT_FILE = "environment.json"
@@ -45,6 +53,7 @@ TRAINING_LOSS_FILE = "training_loss.tsv"
 LOGS_DIR = "logs"
 CHECKPOINTS_DIR = "checkpoints"
 TRAINING_DIR = "training"
+LOCK_FILE = ".lock"
 
 
 def check_name(name: str) -> str:
@@ -79,6 +88,7 @@ class Maps:
         self.path = Path(path).absolute()
         self.overwrite = overwrite
         self._created = False
+        self._lock: int | None = None
         if not self.is_maps():
             self.check_available()
 
@@ -138,6 +148,7 @@ class Maps:
             return
         self.check_available()
         if self.path.exists() and any(self.path.iterdir()):
+            self.check_unlocked()  # never delete a MAPS a running training writes into
             shutil.rmtree(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -149,6 +160,69 @@ class Maps:
                 "path and its permissions"
             ) from exc
         self._created = True
+
+    # ------------------------------------------------------------- locking
+    def lock(self) -> dict[str, Any] | None:
+        """Hold the MAPS for this process (an advisory lock on ``.lock``) until :meth:`unlock`.
+
+        Raises :class:`MapsLockedError` naming the owner when another live process holds it.
+        A lock left by a process that was killed is released by the system: it is taken over,
+        and the dead owner's record is returned so the takeover can be reported.
+        """
+        if self._lock is not None or fcntl is None:
+            return None
+        descriptor = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._take(descriptor)
+        except BaseException:
+            os.close(descriptor)
+            raise
+        previous = _read_owner(descriptor)
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)[:500],
+        }
+        _write_owner(descriptor, record)
+        self._lock = descriptor
+        if previous and not previous.get("released"):
+            return previous
+        return None
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (marking the record released)."""
+        if self._lock is None or fcntl is None:
+            return
+        descriptor, self._lock = self._lock, None
+        try:
+            record = _read_owner(descriptor) or {}
+            _write_owner(descriptor, {**record, "released": True})
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+            os.close(descriptor)
+
+    def check_unlocked(self) -> None:
+        """Raise :class:`MapsLockedError` if another live process holds the MAPS now."""
+        if self._lock is not None or fcntl is None or not (self.path / LOCK_FILE).exists():
+            return
+        descriptor = os.open(self.path / LOCK_FILE, os.O_RDONLY)
+        try:
+            self._take(descriptor)
+            fcntl.flock(descriptor, fcntl.LOCK_UN)  # only a probe: the owner record stays
+        finally:
+            os.close(descriptor)
+
+    def _take(self, descriptor: int) -> None:
+        assert fcntl is not None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _read_owner(descriptor)
+            raise MapsLockedError(
+                f"MAPS {str(self.path)!r} is in use by {_describe_owner(owner)}; wait for that "
+                "run to end (or stop it), or train into another MAPS"
+            ) from None
 
     def file(self, *parts: str) -> Path:
         """The path of ``parts`` inside the MAPS, each part checked by :func:`check_name`."""
@@ -272,6 +346,32 @@ def environment() -> dict[str, Any]:
         "platform": sys.platform,
         "packages": dict(sorted(packages.items(), key=lambda item: item[0].lower())),
     }
+
+
+def _read_owner(descriptor: int) -> dict[str, Any] | None:
+    try:
+        os.lseek(descriptor, 0, os.SEEK_SET)
+        data = os.read(descriptor, 4096)
+        owner = json.loads(data) if data else None
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _write_owner(descriptor: int, record: Mapping[str, Any]) -> None:
+    os.ftruncate(descriptor, 0)
+    os.lseek(descriptor, 0, os.SEEK_SET)
+    os.write(descriptor, (json.dumps(record) + "\n").encode())
+    os.fsync(descriptor)
+
+
+def _describe_owner(owner: Mapping[str, Any] | None) -> str:
+    if not owner:
+        return "another process (its record is unreadable)"
+    return (
+        f"process {owner.get('pid')} on {owner.get('host')} since {owner.get('since')} "
+        f"({owner.get('command')!r})"
+    )
 
 
 def sync_file(path: Path) -> None:

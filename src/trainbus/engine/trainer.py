@@ -783,6 +783,7 @@ class Trainer:
         if not self.maps.is_maps():
             self.maps.check_available()
             return None
+        self.maps.check_unlocked()
         found = checkpoint.find_training_state(self.maps)
         if found is None:
             raise CheckpointError(
@@ -941,6 +942,7 @@ class Trainer:
             self.maps.create()
             if first:
                 self.maps.write_environment()
+        stale = self.maps.lock()
         self._calls.append(
             {
                 "call": stage,
@@ -949,6 +951,8 @@ class Trainer:
                 "requests": [],
             }
         )
+        if stale is not None:
+            self._calls[-1]["recovered_lock"] = stale
         self._state.update(stage="train" if stage == "train" else stage, batch_idx=-1)
         self._write_maps_config()
 
@@ -1086,7 +1090,10 @@ class _Call:
         finally:
             self.deterministic.__exit__()
             trainer._state.update(stage="idle")
-            trainer._end(error)
+            try:
+                trainer._end(error)
+            finally:
+                trainer.maps.unlock()
 
 
 def _deliver_exception(trainer: Trainer, error: BaseException) -> None:
