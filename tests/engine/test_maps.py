@@ -93,6 +93,7 @@ def test_maps_json_records_versions_seed_and_trainer_configuration(
         "precision": "32",
         "compile": None,
         "deterministic": False,
+        "nonfinite_loss": "stop",
         "default_callbacks": ["MetricsWriterCallback"],
     }
 

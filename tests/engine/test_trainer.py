@@ -28,6 +28,7 @@ from trainbus.errors import (
     ConfigurationTypeError,
     DataError,
     ModelContractError,
+    TrainbusWarning,
 )
 
 from ..conftest import make_dataset, make_loader, make_model
@@ -857,3 +858,48 @@ def test_compile_opt_in_wraps_the_steps_and_trains_to_the_same_weights(tmp_path:
     (_, plain), (compiled_trainer, compiled) = results
     assert hasattr(compiled_trainer.model.forward_step, "_torchdynamo_orig_callable")
     assert all(torch.allclose(a, b) for a, b in zip(plain, compiled, strict=True))
+
+
+class PoisonedModel(SupervisedModel):
+    """Returns a NaN loss at chosen training steps (counted by forward_step calls)."""
+
+    def __init__(self, poisoned: set[int]) -> None:
+        reference = make_model()
+        super().__init__(reference.network, reference.loss, reference.optimizer_factory)
+        self.poisoned = poisoned
+        self.steps = 0
+
+    def forward_step(self, batch: Any) -> Any:
+        self.steps += 1
+        loss = super().forward_step(batch)
+        return loss * float("nan") if self.steps in self.poisoned else loss
+
+
+def test_a_non_finite_loss_stops_training_at_its_log_interval_naming_the_steps(
+    quiet_trainer: Callable[..., Trainer],
+) -> None:
+    trainer = quiet_trainer(model=PoisonedModel({5}), log_every_n_batches=2, max_epochs=3)
+    state = trainer.train(make_loader())
+    assert state.stopped_by == "trainbus.nonfinite_loss"
+    assert state.stop_reason is not None and "over steps 5-6 (not finite)" in state.stop_reason
+    assert "nonfinite_loss='skip'" in state.stop_reason
+    assert state.iteration == 6  # never trains past the interval that showed it
+    assert not state.stop_resumable
+
+
+def test_skip_leaves_the_weights_untouched_by_a_non_finite_batch_and_warns(
+    quiet_trainer: Callable[..., Trainer],
+) -> None:
+    model = PoisonedModel({3})
+    trainer = quiet_trainer(model=model, nonfinite_loss="skip", max_epochs=1)
+    with pytest.warns(TrainbusWarning, match=r"loss of training step 3 .* is nan; the batch"):
+        state = trainer.train(make_loader())
+    assert state.stopped_by is None
+    assert state.global_step == 5  # 6 batches, one skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert state.train_loss is not None and math.isfinite(state.train_loss)
+
+
+def test_a_bad_nonfinite_policy_is_refused(quiet_trainer: Callable[..., Trainer]) -> None:
+    with pytest.raises(ConfigurationError, match=r"nonfinite_loss='ignore' is not 'stop' or"):
+        quiet_trainer(nonfinite_loss="ignore")

@@ -440,11 +440,13 @@ def test_non_finite_numbers_keep_every_line_strict_json(
         max_epochs=1,
         log_every_n_batches=1,
     )
-    trainer.train(make_loader(), make_loader(16))
+    trainer.train(make_loader(), make_loader(16))  # stops at the first non-finite loss
+    trainer.validate(make_loader(16))
     assert not math.isfinite(trainer.state.metrics["loss"])
     entries = log_entries(trainer)  # parse_constant refuses NaN and Infinity
     assert of_kind(entries, "train_loss")[-1]["loss"] in {"NaN", "Infinity", "-Infinity"}
-    assert of_kind(entries, "epoch_end")[0]["metrics"]["loss"] in {"NaN", "Infinity"}
+    assert of_kind(entries, "validate_metrics")[0]["metrics"]["loss"] in {"NaN", "Infinity"}
+    assert of_kind(entries, "train_end")[0]["stopped_by"] == "trainbus.nonfinite_loss"
 
 
 # --------------------------------------------------------------- no host-device sync

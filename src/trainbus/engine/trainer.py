@@ -100,6 +100,9 @@ class Trainer:
       ``"16"``), ``compile`` (``False``, ``True`` or ``torch.compile`` keyword arguments).
     - ``seed``: seeds Python, NumPy and torch when given (recorded in ``maps.json``);
       ``deterministic``: deterministic algorithms during each call.
+    - ``nonfinite_loss``: ``"stop"`` (default) ends training at the log interval where a NaN
+      or infinite mean loss shows (no per-step sync), naming the steps; ``"skip"`` checks
+      every step (a host-device sync per step) and skips the update of such a batch.
     - ``plugins``: ``"auto"`` (every installed plugin package, unless
       ``TRAINBUS_DISABLE_PLUGIN_AUTOLOAD=1``), ``False``, or the names to load; ``block``:
       names never to load (checked before import). ``TRAINBUS_PLUGINS=a,b`` in the
@@ -124,6 +127,7 @@ class Trainer:
         compile: bool | Mapping[str, Any] = False,
         seed: int | None = None,
         deterministic: bool = False,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
         default_callbacks: bool | Iterable[type[Callback]] | Mapping[type[Callback], bool] = True,
         overwrite: bool = False,
         plugins: Literal["auto"] | Sequence[str] | bool = "auto",
@@ -172,6 +176,14 @@ class Trainer:
         if not isinstance(deterministic, bool):
             raise ConfigurationTypeError(f"deterministic={deterministic!r} is not a bool")
         self.deterministic = deterministic
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ConfigurationError(
+                f"nonfinite_loss={nonfinite_loss!r} is not 'stop' or 'skip'; 'stop' ends training "
+                "at the log interval where a NaN or infinite loss shows, 'skip' checks every "
+                "step (a host-device sync per step) and skips the optimizer update of such a batch"
+            )
+        self.nonfinite_loss = nonfinite_loss
+        self._skipped_nonfinite = 0
         self.seed = None if seed is None else seed_everything(seed)
         self.maps = maps if isinstance(maps, Maps) else Maps(maps, overwrite=overwrite)
         self.model = model
@@ -503,7 +515,10 @@ class Trainer:
                 self._emit("forward_start", batch=batch)
                 with self.precision.autocast():
                     loss, losses = _loss_of(model.forward_step(batch))
-                if not self._emit_skippable(
+                finite = self.nonfinite_loss != "skip" or bool(torch.isfinite(loss))  # sync
+                if not finite:
+                    self._skip_nonfinite(loss)
+                elif not self._emit_skippable(
                     "backward_start", batch=batch, loss=loss, losses=losses
                 ):
                     scaled = loss / accumulate if accumulate > 1 else loss
@@ -515,7 +530,8 @@ class Trainer:
                     if self._open_group == accumulate or is_last:
                         self._optimizer_step(self._open_group)
                         self._open_group = 0
-                self._track_loss(loss)
+                if finite:
+                    self._track_loss(loss)
             self._position["batches_done"] = batch_idx + 1
             if iteration % log_every == 0 or is_last:
                 self._log_loss()
@@ -584,11 +600,40 @@ class Trainer:
         # appending costs no kernel launch per step.
         self._losses.append(loss.detach())
 
+    def _skip_nonfinite(self, loss: torch.Tensor) -> None:
+        self._skipped_nonfinite += 1
+        snapshot = self._state.snapshot()
+        warnings.warn(
+            f"the loss of training step {snapshot.iteration} (epoch {snapshot.current_epoch}, "
+            f"batch {snapshot.batch_idx}) is {float(loss.detach())}; the batch was skipped "
+            "(nonfinite_loss='skip'): no backward, no optimizer update",
+            TrainbusWarning,
+            stacklevel=4,
+        )
+
     def _log_loss(self) -> None:
         if not self._losses:
             return
         mean = float(torch.stack(self._losses).float().mean().item())  # host-device sync
+        count = len(self._losses)
         self._losses = []
+        if not math.isfinite(mean) and self.nonfinite_loss == "stop":
+            last = self._state.get("iteration")
+            self._accept(
+                [
+                    Request(
+                        Stop(
+                            f"the training loss is {mean} over steps {last - count + 1}-{last} "
+                            "(not finite): training stopped instead of going on with broken "
+                            "weights; lower the learning rate, clip gradients "
+                            "(gradient_clip_val=...) or check the data, or pass "
+                            "nonfinite_loss='skip' to skip such batches"
+                        ),
+                        NONFINITE_SOURCE,
+                        "loss_logged",
+                    )
+                ]
+            )
         self._state.update(train_loss=mean, **_learning_rates(self.optimizers, read_tensors=True))
         self._emit("loss_logged", train_loss=mean)
 
@@ -1043,6 +1088,7 @@ class Trainer:
             "precision": self.precision.name,
             "compile": self.compile_options,
             "deterministic": self.deterministic,
+            "nonfinite_loss": self.nonfinite_loss,
             "default_callbacks": self._defaults_kept,
         }
 
@@ -1187,6 +1233,9 @@ def _resolve_callbacks(
     return resolved
 
 
+NONFINITE_SOURCE = "trainbus.nonfinite_loss"
+"""``state.stopped_by`` when a NaN or infinite training loss stopped training."""
+
 SIGNAL_SOURCE = "trainbus.signal"
 """``state.stopped_by`` when SIGTERM or SIGINT stopped training."""
 
@@ -1203,6 +1252,7 @@ _REUSED_SETTINGS = (
     "precision",
     "compile",
     "deterministic",
+    "nonfinite_loss",
 )
 """Settings :meth:`Trainer.from_maps` reads back from ``maps.json`` (not the device)."""
 
