@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -196,3 +198,46 @@ def test_tied_weights_are_saved_and_restored(tmp_path: Path) -> None:
 def test_unsafe_checkpoint_tags_are_refused(tag: str) -> None:
     with pytest.raises(ConfigurationError, match=r"is not a safe directory name"):
         SaveCheckpoint(tag)
+
+
+def test_a_replacement_killed_between_its_renames_is_recovered(tmp_path: Path) -> None:
+    from trainbus import ModelCheckpointCallback, TrainingCheckpointCallback
+
+    maps_path = tmp_path / "maps"
+    callbacks = [ModelCheckpointCallback(), TrainingCheckpointCallback()]
+    first = Trainer(maps_path, make_model(), callbacks=callbacks, default_callbacks=False)
+    first.max_epochs = 1
+    first.train(make_loader())
+    root = maps_path / "checkpoints"
+    expected = (root / "last" / "model.safetensors").read_bytes()
+    # As if killed after moving `last` aside, before renaming its successor into place.
+    os.replace(root / "last", root / ".replaced-last-4242")
+    (root / ".tmp-last-abcd").mkdir()
+    (root / ".tmp-last-abcd" / "model.safetensors").write_bytes(b"half written")
+    (root / ".deleted-epoch-3-4242").mkdir()
+
+    network = make_model().network
+    load_weights(maps_path, network, tag="last")  # the previous `last` is still whole
+    for name, tensor in network.state_dict().items():
+        assert torch.equal(tensor, safetensors.torch.load(expected)[f"network.{name}"])
+
+    again = Trainer.from_maps(
+        maps_path,
+        make_model(),
+        callbacks=[ModelCheckpointCallback(), TrainingCheckpointCallback()],
+        max_epochs=2,
+    )
+    recovered = []
+
+    @again.on("train_start")
+    def look() -> None:
+        recovered.extend(sorted(p.name for p in root.iterdir()))
+
+    again.train(make_loader())
+    assert recovered == ["last"]  # restored, and nothing half-done left before training
+    record = again.maps.read_json("maps.json")["calls"][-1]
+    assert record["recovered"] == [
+        "checkpoints/: removed .deleted-epoch-3-4242 (left by an interrupted write or deletion)",
+        "checkpoints/: restored last (its replacement was never committed)",
+        "checkpoints/: removed .tmp-last-abcd (left by an interrupted write or deletion)",
+    ]

@@ -80,7 +80,7 @@ def write_checkpoint(
     """
     root.mkdir(parents=True, exist_ok=True)
     target = root / check_name(name)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{name}-", dir=root))
     try:
         digests = {}
         for filename, write in writers.items():
@@ -117,11 +117,46 @@ def remove_checkpoint(directory: Path) -> None:
     """Delete a committed checkpoint: renamed aside first, so no half-deleted one is ever seen."""
     if not directory.exists():
         return
-    retired = directory.with_name(f".old-{directory.name}-{os.getpid()}")
+    retired = directory.with_name(f"{_DELETED}{directory.name}-{os.getpid()}")
     shutil.rmtree(retired, ignore_errors=True)
     os.replace(directory, retired)
     fsync_directory(directory.parent)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+_STAGING = ".tmp-"
+_REPLACED = ".replaced-"
+_DELETED = ".deleted-"
+
+
+def recover_interrupted(root: Path) -> list[str]:
+    """Finish what a process killed while writing checkpoints under ``root`` left half-done.
+
+    A checkpoint being replaced is renamed aside before its successor is renamed into place:
+    if the process died between the two renames, the old one is put back. Staging
+    directories (never committed) and directories being deleted are removed. Returns a line
+    per action, for the call's record in ``maps.json``.
+    """
+    actions: list[str] = []
+    if not root.is_dir():
+        return actions
+    for entry in sorted(root.iterdir()):
+        name = entry.name
+        if name.startswith(_REPLACED):
+            tag = name[len(_REPLACED) :].rsplit("-", 1)[0]
+            target = root / tag
+            if tag and not target.exists():
+                os.replace(entry, target)
+                actions.append(f"restored {tag} (its replacement was never committed)")
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            actions.append(f"removed {name} (left by a replacement that was committed)")
+        elif name.startswith((_STAGING, _DELETED)):
+            shutil.rmtree(entry, ignore_errors=True)
+            actions.append(f"removed {name} (left by an interrupted write or deletion)")
+    if actions:
+        fsync_directory(root)
+    return actions
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -179,6 +214,11 @@ def load_weights(
     if (directory / MAPS_FILE).is_file() or tag is not None:
         directory = directory / CHECKPOINTS_DIR / check_name(tag or "last")
     if not directory.is_dir():
+        # Killed between the two renames of a replacement: the previous one is still whole.
+        aside = sorted(directory.parent.glob(f"{_REPLACED}{directory.name}-*"))
+        if aside:
+            directory = aside[-1]
+    if not directory.is_dir():
         raise CheckpointError(
             f"no checkpoint at {directory}; pass a checkpoint directory, or the MAPS with "
             "tag= one of its checkpoints/ names (e.g. 'last' or 'best-loss')"
@@ -228,7 +268,7 @@ def _commit(staging: Path, target: Path) -> None:
     """Rename ``staging`` to ``target``; an existing target is moved aside first, then removed."""
     retired = None
     if target.exists():
-        retired = target.with_name(f".old-{target.name}-{os.getpid()}")
+        retired = target.with_name(f"{_REPLACED}{target.name}-{os.getpid()}")
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(retired)
         os.replace(target, retired)

@@ -31,7 +31,7 @@ from trainbus.engine.compute import (
     seed_everything,
     with_last,
 )
-from trainbus.engine.maps import MAPS_FILE, Maps
+from trainbus.engine.maps import CHECKPOINTS_DIR, MAPS_FILE, TRAINING_DIR, Maps
 from trainbus.engine.metrics import BoundMetric, MetricSpec, bind_metrics, is_better
 from trainbus.engine.model import Model
 from trainbus.engine.resume import (
@@ -988,6 +988,15 @@ class Trainer:
             if first:
                 self.maps.write_environment()
         stale = self.maps.lock()
+        recovered = (
+            [
+                f"{folder}/: {action}"
+                for folder in (CHECKPOINTS_DIR, TRAINING_DIR)
+                for action in checkpoint.recover_interrupted(self.maps.file(folder))
+            ]
+            if adopt
+            else []
+        )
         self._calls.append(
             {
                 "call": stage,
@@ -998,6 +1007,8 @@ class Trainer:
         )
         if stale is not None:
             self._calls[-1]["recovered_lock"] = stale
+        if recovered:
+            self._calls[-1]["recovered"] = recovered
         self._state.update(stage="train" if stage == "train" else stage, batch_idx=-1)
         self._write_maps_config()
 
