@@ -13,7 +13,12 @@ from torch import nn
 
 from trainbus import Maps, SaveCheckpoint, Trainer, TrainerState, load_weights
 from trainbus.engine.checkpoint import read_manifest, save_weights
-from trainbus.errors import CheckpointError, ConfigurationError, CorruptCheckpointError
+from trainbus.errors import (
+    CheckpointError,
+    ConfigurationError,
+    CorruptCheckpointError,
+    UnsafePathError,
+)
 
 from ..conftest import make_loader, make_model
 
@@ -241,3 +246,52 @@ def test_a_replacement_killed_between_its_renames_is_recovered(tmp_path: Path) -
         "checkpoints/: restored last (its replacement was never committed)",
         "checkpoints/: removed .tmp-last-abcd (left by an interrupted write or deletion)",
     ]
+
+
+HOSTILE_MANIFESTS: dict[str, tuple[Callable[[Path, Path], None], type[Exception], str]] = {
+    "dot-dot-name": (
+        lambda d, _: _rewrite_manifest(d, {"../../outside.txt": {"size": 1, "sha256": "0"}}),
+        UnsafePathError,
+        r"name '\.\./\.\./outside\.txt' cannot be written into a MAPS",
+    ),
+    "absolute-name": (
+        lambda d, _: _rewrite_manifest(d, {"/etc/passwd": {"size": 1, "sha256": "0"}}),
+        UnsafePathError,
+        r"name '/etc/passwd'",
+    ),
+    "symlink-out-of-the-maps": (
+        lambda d, outside: _swap_for_link(d / "model.safetensors", outside),
+        UnsafePathError,
+        r"is a symbolic link .* tampered with",
+    ),
+    "garbled-entry": (
+        lambda d, _: _rewrite_manifest(d, {"model.safetensors": "deadbeef"}),
+        CorruptCheckpointError,
+        r"corrupt: its manifest lists 'model\.safetensors': 'deadbeef'",
+    ),
+}
+
+
+def _rewrite_manifest(directory: Path, files: dict[str, Any]) -> None:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"] = files
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _swap_for_link(path: Path, outside: Path) -> None:
+    outside.write_bytes(path.read_bytes())  # same bytes: only the link gives it away
+    path.unlink()
+    path.symlink_to(outside)
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_MANIFESTS))
+def test_a_tampered_checkpoint_is_refused_before_anything_is_read(
+    tmp_path: Path, case: str
+) -> None:
+    tamper, error, message = HOSTILE_MANIFESTS[case]
+    maps = Maps(tmp_path / "maps")
+    maps.create()
+    directory = save_weights(maps, "last", make_model(), metadata={})
+    tamper(directory, tmp_path / "outside.safetensors")
+    with pytest.raises(error, match=message):
+        load_weights(directory, make_model())

@@ -32,7 +32,7 @@ from trainbus.engine.maps import (
     check_name,
     fsync_directory,
 )
-from trainbus.errors import CheckpointError, CorruptCheckpointError
+from trainbus.errors import CheckpointError, CorruptCheckpointError, UnsafePathError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -183,7 +183,17 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             f"checkpoint {directory} is corrupt: its manifest lists no files"
         )
     for name, expected in files.items():
-        path = directory / check_name(name)
+        if not isinstance(name, str) or not isinstance(expected, dict):
+            raise CorruptCheckpointError(
+                f"checkpoint {directory} is corrupt: its manifest lists {name!r}: {expected!r}"
+            )
+        path = directory / check_name(name)  # a name with separators or '..' is refused
+        if path.is_symlink() or directory.is_symlink():
+            raise UnsafePathError(
+                f"checkpoint file {path} is a symbolic link (to {os.path.realpath(path)}); "
+                "trainbus never writes one, so the checkpoint was tampered with: refusing to "
+                "read through it"
+            )
         if not path.is_file():
             raise CorruptCheckpointError(f"checkpoint file {path} is corrupt: it is missing")
         actual = _digest(path)
