@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,3 +74,44 @@ def quiet_trainer(maps_path: Path) -> Callable[..., Trainer]:
         return Trainer(**options)  # type: ignore[arg-type]
 
     return build
+
+
+# ----------------------------------------------------------------- reliability report
+_FAULTS: dict[str, dict[str, Any]] = {}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Count every trial of a test marked ``fault`` (each parametrized case is one trial)."""
+    report = yield
+    marker = item.get_closest_marker("fault")
+    if marker is not None and report.when == "call" and not report.skipped:
+        record = _FAULTS.setdefault(
+            marker.args[0], {"trials": 0, "passed": 0, "outcome": marker.kwargs["outcome"]}
+        )
+        record["trials"] += 1
+        record["passed"] += int(report.passed)
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Write the fault table to ``$TRAINBUS_RELIABILITY_REPORT`` (docs/reliability.md)."""
+    target = os.environ.get("TRAINBUS_RELIABILITY_REPORT")
+    if not target or not _FAULTS:
+        return
+    path = Path(target)
+    head, _, tail = path.read_text().partition(REPORT_START) if path.exists() else ("", "", "")
+    _, _, tail = tail.partition(REPORT_END)
+    rows = [
+        "| fault or bad input | trials | passed | outcome checked |",
+        "|---|---:|---:|---|",
+        *(
+            f"| {name} | {r['trials']} | {r['passed']} | {r['outcome']} |"
+            for name, r in sorted(_FAULTS.items())
+        ),
+    ]
+    path.write_text(head + REPORT_START + "\n" + "\n".join(rows) + "\n" + REPORT_END + tail)
+
+
+REPORT_START = "<!-- fault table: written by the test suite, do not edit -->"
+REPORT_END = "<!-- end of fault table -->"

@@ -7,7 +7,8 @@ generator draws its permutations; ``--own-generator`` gives it one), with early 
 and writes the final weights and optimizer state to OUT. ``--kill-*`` sends SIGKILL to the
 process itself at that point: nothing is flushed or cleaned up, as when a cluster kills a job.
 ``--signal-at-iteration I --signal SIGTERM|SIGINT`` sends that signal instead, and again while
-the training state is written.
+the training state is written. ``--kill-in-write N`` sends SIGKILL in the middle of a
+checkpoint write, at its N-th file fsync.
 """
 
 from __future__ import annotations
@@ -56,6 +57,22 @@ def callbacks(every_n_steps: int | None) -> list[Any]:
     ]
 
 
+def kill_in_write(count: int) -> None:
+    """SIGKILL this process at the ``count``-th file fsync of a checkpoint write."""
+    from trainbus.engine import checkpoint
+
+    original = checkpoint._fsync_file
+    calls = [0]
+
+    def fsync_then_maybe_die(path: Any) -> None:
+        calls[0] += 1
+        if calls[0] == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(path)
+
+    checkpoint._fsync_file = fsync_then_maybe_die  # type: ignore[assignment]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("maps")
@@ -66,12 +83,15 @@ def main() -> None:
     parser.add_argument("--every-n-steps", type=int)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--own-generator", action="store_true")
+    parser.add_argument("--kill-in-write", type=int, help="SIGKILL at the N-th file fsync")
     parser.add_argument("--signal-at-iteration", type=int)
     parser.add_argument("--signal", choices=("SIGTERM", "SIGINT"), default="SIGTERM")
     parser.add_argument("--resume", action="store_true")
     options = parser.parse_args()
 
     generator = torch.Generator().manual_seed(5) if options.own_generator else None
+    if options.kill_in_write:
+        kill_in_write(options.kill_in_write)
     train_loader = DataLoader(
         dataset(72, seed=1),
         batch_size=8,

@@ -205,6 +205,13 @@ def test_unsafe_checkpoint_tags_are_refused(tag: str) -> None:
         SaveCheckpoint(tag)
 
 
+@pytest.mark.fault(
+    "A checkpoint replacement killed between its two renames",
+    outcome=(
+        "the previous checkpoint still loads; the next call restores it and sweeps half-"
+        "written leftovers, recorded in maps.json"
+    ),
+)
 def test_a_replacement_killed_between_its_renames_is_recovered(tmp_path: Path) -> None:
     from trainbus import ModelCheckpointCallback, TrainingCheckpointCallback
 
@@ -284,6 +291,13 @@ def _swap_for_link(path: Path, outside: Path) -> None:
     path.symlink_to(outside)
 
 
+@pytest.mark.fault(
+    (
+        "A tampered checkpoint: '..' or absolute names in the manifest, a symlink out of the "
+        "MAPS, a garbled manifest"
+    ),
+    outcome="refused before any file is read, the file named",
+)
 @pytest.mark.parametrize("case", sorted(HOSTILE_MANIFESTS))
 def test_a_tampered_checkpoint_is_refused_before_anything_is_read(
     tmp_path: Path, case: str

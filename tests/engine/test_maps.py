@@ -336,6 +336,12 @@ time.sleep(120)
 """
 
 
+@pytest.mark.fault(
+    "A second run (resume or overwrite) on a MAPS in use; then its owner SIGKILLed",
+    outcome=(
+        "refused naming the owner, nothing written; the dead owner's lock taken over and recorded"
+    ),
+)
 def test_a_maps_in_use_is_refused_naming_its_owner_and_a_killed_owner_is_recovered(
     maps_path: Path,
 ) -> None:

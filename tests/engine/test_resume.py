@@ -126,6 +126,14 @@ INTERRUPTIONS: dict[str, tuple[tuple[str, ...], bool, tuple[str, ...]]] = {
 }
 
 
+@pytest.mark.fault(
+    (
+        "SIGKILL at chosen points: mid-epoch, in validation, right after a state at an "
+        "epoch's last batch, with worker processes, with the loader's own generator; or a "
+        "shorter run extended"
+    ),
+    outcome="bit-identical weights, optimizer, counters, metric and loss rows, stop decision",
+)
 @pytest.mark.parametrize("case", sorted(INTERRUPTIONS))
 def test_resume_in_a_new_process_is_bit_identical(
     case: str, uninterrupted: Callable[[bool], dict[str, Any]], tmp_path: Path
@@ -143,6 +151,10 @@ def test_resume_in_a_new_process_is_bit_identical(
     assert resume_record["state"].startswith("state-")
 
 
+@pytest.mark.fault(
+    "SIGKILL after rows were written past the last training state",
+    outcome="no duplicate or missing row in training_loss.tsv",
+)
 def test_a_killed_run_leaves_rows_that_the_resume_rewrites_once(
     uninterrupted: Callable[[bool], dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -158,6 +170,12 @@ def test_a_killed_run_leaves_rows_that_the_resume_rewrites_once(
     assert uninterrupted(False)["training_loss"] == (maps / "training_loss.tsv").read_text()
 
 
+@pytest.mark.fault(
+    "SIGTERM or SIGINT during training, and again during the save",
+    outcome=(
+        "a training state at the next step boundary, exit status 128+signum, bit-identical resume"
+    ),
+)
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
 def test_a_signal_saves_at_the_next_step_exits_128_plus_signum_and_resumes_exactly(
     name: str, uninterrupted: Callable[[bool], dict[str, Any]], tmp_path: Path

@@ -745,6 +745,13 @@ def test_a_loader_that_is_not_iterable_is_refused(quiet_trainer: Callable[..., T
         trainer.train(42)  # type: ignore[arg-type]
 
 
+@pytest.mark.fault(
+    "A handler that raises",
+    outcome=(
+        "training stops with a note naming the event and the handler; exception and teardown "
+        "run; the call recorded failed"
+    ),
+)
 def test_a_failing_handler_propagates_with_a_note_and_the_run_is_recorded_failed(
     quiet_trainer: Callable[..., Trainer], maps_path: Path
 ) -> None:
@@ -776,6 +783,10 @@ def test_a_failing_handler_propagates_with_a_note_and_the_run_is_recorded_failed
     assert trainer.state.stage == "idle"
 
 
+@pytest.mark.fault(
+    "An exception handler that raises too",
+    outcome="the original error propagates, the second one attached as a note",
+)
 def test_a_failing_exception_handler_does_not_hide_the_original_error(
     quiet_trainer: Callable[..., Trainer], maps_path: Path
 ) -> None:
@@ -875,6 +886,10 @@ class PoisonedModel(SupervisedModel):
         return loss * float("nan") if self.steps in self.poisoned else loss
 
 
+@pytest.mark.fault(
+    "A NaN training loss (default policy)",
+    outcome="training stops at that log interval, the steps named; never trains past it",
+)
 def test_a_non_finite_loss_stops_training_at_its_log_interval_naming_the_steps(
     quiet_trainer: Callable[..., Trainer],
 ) -> None:
@@ -887,6 +902,10 @@ def test_a_non_finite_loss_stops_training_at_its_log_interval_naming_the_steps(
     assert not state.stop_resumable
 
 
+@pytest.mark.fault(
+    "A NaN training loss with nonfinite_loss='skip'",
+    outcome="the batch skipped with a warning naming the step; weights stay finite",
+)
 def test_skip_leaves_the_weights_untouched_by_a_non_finite_batch_and_warns(
     quiet_trainer: Callable[..., Trainer],
 ) -> None:

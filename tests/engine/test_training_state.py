@@ -84,6 +84,13 @@ DAMAGE = {
 }
 
 
+@pytest.mark.fault(
+    (
+        "A damaged newest training state: flipped byte, truncated or missing file, missing or"
+        " garbled manifest"
+    ),
+    outcome="reported as corrupt, by name; the newest valid state is used",
+)
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_newest_state_is_named_corrupt_and_passed_over(
     maps_path: Path, damage: str
@@ -97,6 +104,10 @@ def test_a_damaged_newest_state_is_named_corrupt_and_passed_over(
     assert newest in found.skipped[0] and "corrupt" in found.skipped[0]
 
 
+@pytest.mark.fault(
+    "A missing, stale or garbage latest pointer",
+    outcome="the newest valid state is used",
+)
 @pytest.mark.parametrize("pointer", ["missing", "stale", "garbage"])
 def test_the_latest_pointer_never_decides_alone(maps_path: Path, pointer: str) -> None:
     trained(maps_path)
@@ -110,6 +121,10 @@ def test_the_latest_pointer_never_decides_alone(maps_path: Path, pointer: str) -
     assert bool(found.skipped) == (pointer != "missing")
 
 
+@pytest.mark.fault(
+    "Every training state corrupt",
+    outcome="an error naming each of them; nothing resumed",
+)
 def test_when_every_state_is_corrupt_the_error_names_them_all(maps_path: Path) -> None:
     trained(maps_path, epochs=2)
     for name in states(maps_path):
@@ -132,6 +147,10 @@ class Exploit:
         return (os.system, ("touch pwned",))
 
 
+@pytest.mark.fault(
+    "A malicious pickle in a training state, with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1",
+    outcome="refused naming the offending global; nothing executed",
+)
 def test_a_malicious_pickle_is_refused_even_when_the_environment_forces_unsafe_loading(
     maps_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

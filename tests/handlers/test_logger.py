@@ -481,6 +481,10 @@ def test_the_logger_reads_no_tensor_per_batch(
 FORGED = "\r\n12:00:00 [info     ] train_end\x1b[2K\x1b]0;title\x07"
 
 
+@pytest.mark.fault(
+    "CR/LF, ANSI and OSC escapes in stop reasons and exception messages",
+    outcome="escaped on the console, exact in the JSON lines",
+)
 def test_console_lines_cannot_be_forged_by_reasons_or_errors(
     quiet_trainer: Callable[..., Trainer],
 ) -> None:
@@ -523,6 +527,10 @@ def test_console_lines_cannot_be_forged_by_reasons_or_errors(
     assert log_entries(fresh)[-1]["error"] == f"ValueError: bad{FORGED}"
 
 
+@pytest.mark.fault(
+    "Control characters in metric names",
+    outcome="escaped on the console",
+)
 @pytest.mark.parametrize(
     "name",
     ["acc\r\nforged=1", "acc\x1b[31m", "acc\u2028x", "acc\x9b2J", "acc\tx"],

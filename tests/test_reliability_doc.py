@@ -1,0 +1,46 @@
+"""docs/reliability.md is the suite's own report: it lists every fault the suite injects."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import REPORT_END, REPORT_START
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "reliability.md"
+
+
+def marked_faults() -> set[str]:
+    names = set()
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "fault"
+                and node.args
+            ):
+                names.add(ast.literal_eval(node.args[0]))
+    return names
+
+
+def table_rows() -> dict[str, tuple[int, int]]:
+    text = DOC.read_text()
+    table = text.split(REPORT_START, 1)[1].split(REPORT_END, 1)[0]
+    rows = {}
+    for line in table.strip().splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        rows[cells[0]] = (int(cells[1]), int(cells[2]))
+    return rows
+
+
+def test_every_fault_the_suite_injects_is_in_the_published_table() -> None:
+    rows = table_rows()
+    assert set(rows) == marked_faults(), (
+        "docs/reliability.md is out of date: regenerate it with "
+        "TRAINBUS_SLOW=1 TRAINBUS_RELIABILITY_REPORT=docs/reliability.md pytest -m fault"
+    )
+    assert all(trials >= 1 and passed == trials for trials, passed in rows.values())
+    random_kills = next(v for k, v in rows.items() if k.startswith("SIGKILL at a random point"))
+    assert random_kills[0] >= 20  # the slow mode's trials
