@@ -11,9 +11,9 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def run_example(name: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_example(name: str, cwd: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(EXAMPLES / name)],
+        [sys.executable, str(EXAMPLES / name), *arguments],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -59,24 +59,12 @@ def test_examples_are_documented(script: str) -> None:
 
 
 def test_resume_training_continues_where_the_first_run_stopped(tmp_path: Path) -> None:
-    maps = tmp_path / "runs" / "resume-example"
-    first = subprocess.run(
-        [sys.executable, str(EXAMPLES / "resume_training.py"), str(maps), "--epochs", "3"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    maps = "runs/resume-example"
+    first = run_example("resume_training.py", tmp_path, maps, "--epochs", "3")
     assert first.returncode == 0, first.stderr
     assert "resumed from" not in first.stdout
     assert "finished: 3 epochs, 39 optimizer steps" in first.stdout
-    second = subprocess.run(
-        [sys.executable, str(EXAMPLES / "resume_training.py"), str(maps), "--epochs", "5"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    second = run_example("resume_training.py", tmp_path, maps, "--epochs", "5")
     assert second.returncode == 0, second.stderr
     assert "state-0000000039-epoch-end at epoch 2, step 39" in second.stdout
     assert "finished: 5 epochs, 65 optimizer steps" in second.stdout
