@@ -466,3 +466,48 @@ def test_two_training_checkpoint_callbacks_rotate_only_their_own_states(
         "state-0000000006",
         "state-0000000004",
     ]
+
+
+@pytest.mark.fault(
+    "A full disk (ENOSPC) while a training state is written",
+    outcome=(
+        "an error naming the path and the cause; the previous state intact, nothing "
+        "half-written left, and the run resumes from it"
+    ),
+)
+def test_a_full_disk_during_a_save_names_the_path_and_keeps_the_previous_state(
+    maps_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    real_save = torch.save
+    calls = [0]
+
+    def save_until_the_disk_is_full(value: Any, target: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 2:  # the second training state
+            Path(target).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(value, target)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    trainer = Trainer(
+        maps_path,
+        make_model(),
+        callbacks=[TrainingCheckpointCallback()],
+        default_callbacks=False,
+        max_epochs=3,
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=(
+            r"cannot write checkpoint 'state-0000000012-epoch-end' under .*training: "
+            r"No space left on device; the previous"
+        ),
+    ):
+        trainer.train(make_loader(shuffle=True))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert states(maps_path) == ["state-0000000006-epoch-end"]
+    assert not [p for p in (maps_path / "training").iterdir() if p.name.startswith(".")]
+    resumed = Trainer.from_maps(maps_path, make_model(), callbacks=[TrainingCheckpointCallback()])
+    assert resumed.train(make_loader(shuffle=True)).global_step == 18
