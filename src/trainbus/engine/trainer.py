@@ -581,13 +581,13 @@ class Trainer:
             self.scaler.update()
         self._zero_grad()
         step = self._state.get("global_step") + 1
-        rates = tuple(group["lr"] for o in self.optimizers for group in o.param_groups)
+        rates = _rates_of(self.optimizers)
         if self._tensor_rates or rates == self._state.get("learning_rates"):
             # Unchanged (the common case), or tensors: comparing those is a host-device sync,
             # so they are read at log intervals only.
             self._state.update(global_step=step)
         else:
-            rates_now = _learning_rates(self.optimizers, read_tensors=False)
+            rates_now = _learning_rates(self.optimizers, read_tensors=False, rates=rates)
             self._state.update(global_step=step, **rates_now)
         self._emit("optimizer_step_end", optimizers=self.optimizers)
 
@@ -969,9 +969,7 @@ class Trainer:
                 )
             self.optimizers = optimizers
             self._tensor_rates = any(
-                isinstance(group["lr"], torch.Tensor)
-                for o in optimizers
-                for group in o.param_groups
+                isinstance(rate, torch.Tensor) for rate in _rates_of(optimizers)
             )
             self.scaler = self.precision.grad_scaler()
             self._state.update(**_learning_rates(self.optimizers, read_tensors=True))
@@ -1409,10 +1407,18 @@ def _scale_gradients(optimizers: Sequence[torch.optim.Optimizer], factor: float)
                     parameter.grad.mul_(factor)
 
 
+def _rates_of(optimizers: Sequence[torch.optim.Optimizer]) -> tuple[Any, ...]:
+    """The learning rate of every parameter group, as the optimizers hold them."""
+    return tuple(group["lr"] for optimizer in optimizers for group in optimizer.param_groups)
+
+
 def _learning_rates(
-    optimizers: Sequence[torch.optim.Optimizer], *, read_tensors: bool
+    optimizers: Sequence[torch.optim.Optimizer],
+    *,
+    read_tensors: bool,
+    rates: Sequence[Any] | None = None,
 ) -> dict[str, tuple[float, ...]]:
-    rates = [group["lr"] for optimizer in optimizers for group in optimizer.param_groups]
+    rates = _rates_of(optimizers) if rates is None else rates
     if any(isinstance(rate, torch.Tensor) for rate in rates) and not read_tensors:
         return {}  # a tensor learning rate is read at log intervals only (host-device sync)
     return {"learning_rates": tuple(float(rate) for rate in rates)}
