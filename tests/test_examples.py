@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ def run_example(name: str, cwd: Path, *arguments: str) -> subprocess.CompletedPr
 
 def test_every_example_is_covered_here() -> None:
     scripts = {path.name for path in EXAMPLES.glob("*.py")}
-    assert scripts == {"seed_chapter.py", "resume_training.py"}
+    assert scripts == {"seed_chapter.py", "resume_training.py", "data_parallel.py"}
 
 
 def test_seed_chapter_runs_as_printed(tmp_path: Path) -> None:
@@ -68,3 +69,38 @@ def test_resume_training_continues_where_the_first_run_stopped(tmp_path: Path) -
     assert second.returncode == 0, second.stderr
     assert "state-0000000039-epoch-end at epoch 2, step 39" in second.stdout
     assert "finished: 5 epochs, 65 optimizer steps" in second.stdout
+
+
+@pytest.mark.slow
+def test_data_parallel_runs_alone_and_under_torchrun_with_the_same_samples(
+    tmp_path: Path,
+) -> None:
+    alone = run_example("data_parallel.py", tmp_path, "runs/alone")
+    assert alone.returncode == 0, alone.stderr
+    assert "rank 0 of 1: 64 steps, 2048 samples" in alone.stdout
+    environment = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
+    parallel = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(EXAMPLES / "data_parallel.py"),
+            "runs/parallel",
+        ],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert parallel.returncode == 0, parallel.stderr[-4000:]
+    # Half the steps on each of 2 ranks, the same samples; printed once, by rank 0.
+    assert parallel.stdout.count("rank 0 of 2: 32 steps, 2048 samples") == 1
+    assert "rank 1" not in parallel.stdout
+    maps = tmp_path / "runs" / "parallel"
+    assert (maps / "metrics.tsv").read_text().count("\n") == 4 + 1

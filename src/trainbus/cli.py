@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trainbus.errors import ConfigurationError, TrainbusError
+from trainbus.handlers.text import escape_control
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,7 +105,8 @@ def _demo(arguments: argparse.Namespace) -> int:
 
 def _plan(arguments: argparse.Namespace) -> int:
     if arguments.file is not None:
-        rows = _trainer_of_file(arguments.file, arguments.arguments).plan(arguments.event)
+        trainer = _trainer_of_file(arguments.file, arguments.arguments)
+        rows = trainer.plan(arguments.event)
     else:
         from trainbus.demo.run import build_trainer
 
@@ -112,9 +114,12 @@ def _plan(arguments: argparse.Namespace) -> int:
             # The MAPS is only created by train(); building the Trainer writes nothing there.
             trainer = build_trainer(Path(scratch) / "unused")
             rows = trainer.plan(arguments.event)
+    placement = trainer.placement
     if arguments.json:
         print(json.dumps(rows, indent=2))
     else:
+        print(f"dispatch plan of rank {placement.rank} of {placement.world_size}")
+        print()
         print(format_plan(rows))
     return 0
 
@@ -181,12 +186,14 @@ def _plugins(arguments: argparse.Namespace) -> int:
         return 0
     for record in records:
         print(
-            f"{record['name']}  {record['distribution']} {record['version']}  "
-            f"({record['entry_point']})  {record['status']}"
-            + (f": {record['reason']}" if record["reason"] else "")
+            escape_control(
+                f"{record['name']}  {record['distribution']} {record['version']}  "
+                f"({record['entry_point']})  {record['status']}"
+                + (f": {record['reason']}" if record["reason"] else "")
+            )
         )
         for subscriber in record["subscribers"]:
-            print(f"    {subscriber}")
+            print(f"    {escape_control(str(subscriber))}")
     return 0
 
 
@@ -194,18 +201,29 @@ def format_plan(rows: Sequence[dict[str, Any]]) -> str:
     """The plan as an aligned text table, one block per event."""
     if not rows:
         return "(no subscribers)"
-    headers = ("#", "subscriber", "priority", "filter", "order", "source", "on_error", "ranks")
+    headers = (
+        "#",
+        "subscriber",
+        "priority",
+        "filter",
+        "order",
+        "source",
+        "on_error",
+        "ranks",
+        "commands",
+    )
     lines: list[str] = []
     table: list[tuple[str, ...]] = [
         (
             str(row["position"]),
-            str(row["id"]),
+            escape_control(str(row["id"])),
             str(row["priority"]),
             str(row["filter"]),
             str(row.get("order", "-")),
             str(row["source"]),
             str(row["on_error"]),
             "rank 0" if row["rank_zero_only"] else "all",
+            "may" if row.get("commands", True) else "-",
         )
         for row in rows
     ]
@@ -216,7 +234,7 @@ def format_plan(rows: Sequence[dict[str, Any]]) -> str:
             current = row["event"]
             if lines:
                 lines.append("")
-            lines.append(f"{current}")
+            lines.append(escape_control(str(current)))
             lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
     return "\n".join(line.rstrip() for line in lines)

@@ -480,17 +480,17 @@ def test_a_full_disk_during_a_save_names_the_path_and_keeps_the_previous_state(
 ) -> None:
     import errno
 
-    real_save = torch.save
+    real_save = checkpoint._torch_save
     calls = [0]
 
-    def save_until_the_disk_is_full(value: Any, target: Any) -> None:
+    def save_until_the_disk_is_full(value: Any, target: Path) -> None:
         calls[0] += 1
         if calls[0] == 2:  # the second training state
-            Path(target).write_bytes(b"partial")
+            target.write_bytes(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(value, target)
 
-    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    monkeypatch.setattr(checkpoint, "_torch_save", save_until_the_disk_is_full)
     trainer = Trainer(
         maps_path,
         make_model(),
@@ -506,7 +506,7 @@ def test_a_full_disk_during_a_save_names_the_path_and_keeps_the_previous_state(
         ),
     ):
         trainer.train(make_loader(shuffle=True))
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(checkpoint, "_torch_save", real_save)
     assert states(maps_path) == ["state-0000000006-epoch-end"]
     assert not [p for p in (maps_path / "training").iterdir() if p.name.startswith(".")]
     resumed = Trainer.from_maps(maps_path, make_model(), callbacks=[TrainingCheckpointCallback()])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import blinker
@@ -27,6 +28,7 @@ from trainbus.events import (
     HandlerFailure,
     PlanEntry,
     SkipStep,
+    Stop,
     Subscription,
 )
 
@@ -791,9 +793,15 @@ def test_plan_entries_describe_every_subscription() -> None:
     bus.subscribe("epoch_end", record_epoch, id="once", once=True, rank_zero_only=True)
     bus.subscribe("epoch_end", record_epoch, id="third", once=3)
 
+    def stopper(*, state: State) -> Stop | None:
+        return None
+
+    bus.subscribe("epoch_end", stopper, id="stopper")
+
     plan = bus.plan()
 
-    assert plan == [
+    assert [entry.commands for entry in plan] == [False] * 5 + [True]
+    assert [replace(entry, commands=True) for entry in plan[:5]] == [
         PlanEntry("batch_end", 1, "every", 5, "every=2", "builtin", None, "raise", False, True),
         PlanEntry("batch_end", 2, "plain", 0, "-", "user", "Owner", "log", False, True),
         PlanEntry(
@@ -823,6 +831,7 @@ def test_plan_entries_describe_every_subscription() -> None:
         "rank_zero_only": False,
         "active": True,
         "order": "-",
+        "commands": False,
     }
     json.dumps([entry.as_dict() for entry in plan])
 

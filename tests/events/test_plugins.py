@@ -860,6 +860,7 @@ def test_plan_of_a_file_shows_user_and_plugin_subscribers_without_training(
     table = capsys.readouterr().out
     lines = table.splitlines()
     assert [line for line in lines if line and not line.startswith(" ")] == [
+        "dispatch plan of rank 0 of 1",
         "train_start",
         "epoch_end",
         "train_end",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -32,7 +33,12 @@ from trainbus.engine.maps import (
     check_name,
     fsync_directory,
 )
-from trainbus.errors import CheckpointError, CorruptCheckpointError, UnsafePathError
+from trainbus.errors import (
+    CheckpointError,
+    ConfigurationTypeError,
+    CorruptCheckpointError,
+    UnsafePathError,
+)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -61,7 +67,16 @@ def save_model_file(model: nn.Module, path: Path) -> None:
     tensors = {
         name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()
     }
-    safetensors.torch.save_file(_unshare(tensors), str(path))
+    # Serialised in memory, written by Python: a full disk is then an OSError (ENOSPC) that
+    # names its cause, not a serialiser's own error type.
+    path.write_bytes(safetensors.torch.save(_unshare(tensors)))
+
+
+def _torch_save(value: Any, path: Path) -> None:
+    """``torch.save`` through memory: on a full disk torch reports a bad position, not ENOSPC."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    path.write_bytes(buffer.getbuffer())
 
 
 def write_checkpoint(
@@ -220,23 +235,96 @@ def load_weights(
     keys start with ``network.``) load into the bare network: the wrapper's prefix is removed
     when that makes the keys match. Only tensors are read (safetensors): no code can run.
     """
+    _check_load_arguments(path, model, tag, strict)
     directory = Path(path)
+    name: str | None = None
     if (directory / MAPS_FILE).is_file() or tag is not None:
-        directory = directory / CHECKPOINTS_DIR / check_name(tag or "last")
+        name = tag or "last"
+        directory = directory / CHECKPOINTS_DIR / name
     if not directory.is_dir():
         # Killed between the two renames of a replacement: the previous one is still whole.
         aside = sorted(directory.parent.glob(f"{_REPLACED}{directory.name}-*"))
         if aside:
             directory = aside[-1]
+    if not directory.is_dir() and name is not None:
+        root = directory.parent
+        held = sorted(
+            p.name for p in (root.iterdir() if root.is_dir() else ()) if p.name[:1] != "."
+        )
+        raise CheckpointError(
+            f"no checkpoint {name!r} in {os.fspath(path)!r}; its {CHECKPOINTS_DIR}/ holds {held}: "
+            "pass tag= one of those names (e.g. 'last' or 'best-loss')"
+        )
     if not directory.is_dir():
         raise CheckpointError(
-            f"no checkpoint at {directory}; pass a checkpoint directory, or the MAPS with "
-            "tag= one of its checkpoints/ names (e.g. 'last' or 'best-loss')"
+            f"no checkpoint at {str(directory)!r}; pass a checkpoint directory, or the MAPS "
+            "with tag= one of its checkpoints/ names (e.g. 'last' or 'best-loss')"
         )
     manifest = read_manifest(directory)
-    state = safetensors.torch.load_file(str(directory / WEIGHTS))
-    model.load_state_dict(_match_keys(state, model), strict=strict)
+    state = _match_keys(safetensors.torch.load_file(str(directory / WEIGHTS)), model)
+    _check_fit(state, model, directory, strict=strict)
+    model.load_state_dict(state, strict=strict)
     return manifest
+
+
+def _check_load_arguments(path: object, model: object, tag: object, strict: object) -> None:
+    if not isinstance(path, str | os.PathLike):
+        raise ConfigurationTypeError(
+            f"load_weights: path={path!r} is not a path; pass a checkpoint directory, or a MAPS "
+            "directory with tag= one of its checkpoints/ names"
+        )
+    if not isinstance(model, nn.Module):
+        raise ConfigurationTypeError(
+            f"load_weights: model={model!r} is not a torch.nn.Module; pass the model (or its "
+            "network) to load the weights into"
+        )
+    if tag is not None:
+        if not isinstance(tag, str):
+            raise ConfigurationTypeError(
+                f"load_weights: tag={tag!r} is not a string; pass a checkpoints/ name such as "
+                "'last' or 'best-loss', or None for 'last'"
+            )
+        try:
+            check_name(tag)
+        except UnsafePathError:
+            raise UnsafePathError(
+                f"load_weights: tag={tag!r} is not a checkpoint name (one path component, no "
+                "separators, '.' or '..'); pass a checkpoints/ name such as 'last' or "
+                "'best-loss', or None for 'last'"
+            ) from None
+    if not isinstance(strict, bool):
+        raise ConfigurationTypeError(
+            f"load_weights: strict={strict!r} is not a bool; pass True to require every key "
+            "to match, False to load the matching keys only"
+        )
+
+
+def _check_fit(
+    state: Mapping[str, torch.Tensor], model: nn.Module, directory: Path, *, strict: bool
+) -> None:
+    """Refuse weights that do not fit ``model`` before any of them is copied into it."""
+    expected = model.state_dict()
+    problems = [
+        f"{key}: saved {tuple(value.shape)}, model {tuple(expected[key].shape)}"
+        for key, value in state.items()
+        if key in expected and expected[key].shape != value.shape
+    ]
+    if strict:
+        missing = sorted(expected.keys() - state.keys())
+        unexpected = sorted(state.keys() - expected.keys())
+        if missing:
+            problems.append(f"missing {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            problems.append(
+                f"unexpected {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else "")
+            )
+    if problems:
+        raise CheckpointError(
+            f"the weights in {str(directory)!r} do not fit model {type(model).__name__} "
+            f"({'; '.join(problems)}); the model was left unchanged. Load them into a model "
+            "built like the one that saved them (or its network), or pass strict=False to "
+            "load the keys both have"
+        )
 
 
 def _match_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -322,7 +410,7 @@ def save_training_state(
         name,
         {
             WEIGHTS: lambda target: save_model_file(model, target),
-            TRAINER_FILE: lambda target: torch.save(dict(tensors), target),
+            TRAINER_FILE: lambda target: _torch_save(dict(tensors), target),
             STATE_FILE: lambda target: _write_text(target, text),
         },
         kind="training",

@@ -17,8 +17,16 @@ from trainbus.errors import ConfigurationError, ConfigurationTypeError
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
+DEVICE_NAMES = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` picks CUDA when available, else the CPU; anything else is checked."""
+    """``"auto"`` picks CUDA when available, else the CPU; anything else is checked.
+
+    Only CPU and CUDA devices are accepted: torch parses names such as ``'meta'`` or ``'mps'``
+    whether or not it can train on them, and a wrong one would otherwise fail at the first
+    batch, after the MAPS exists.
+    """
     if isinstance(device, torch.device):
         resolved = device
     elif isinstance(device, str):
@@ -28,17 +36,29 @@ def resolve_device(device: str | torch.device) -> torch.device:
             resolved = torch.device(device)
         except RuntimeError as exc:
             raise ConfigurationError(
-                f"device={device!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+                f"device={device!r} is not a device name; use {DEVICE_NAMES}"
             ) from exc
     else:
         raise ConfigurationTypeError(
-            f"device={device!r} is not a string or torch.device; use 'auto', 'cpu' or 'cuda'"
+            f"device={device!r} is not a string or torch.device; use {DEVICE_NAMES}"
         )
-    if resolved.type == "cuda" and not torch.cuda.is_available():
+    if resolved.type not in ("cpu", "cuda"):
         raise ConfigurationError(
-            f"device={device!r} asks for CUDA, which is not available on this machine; "
-            "use device='auto' or 'cpu'"
+            f"device={device!r} is a {resolved.type!r} device, which trainbus does not train "
+            f"on; use {DEVICE_NAMES}"
         )
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigurationError(
+                f"device={device!r} asks for CUDA, which is not available on this machine; "
+                "use device='auto' or 'cpu'"
+            )
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigurationError(
+                f"device={device!r} asks for CUDA device {resolved.index}, but this machine "
+                f"has {count} (numbered 0 to {count - 1}); use 'cuda' or 'cuda:N' with N < {count}"
+            )
     return resolved
 
 

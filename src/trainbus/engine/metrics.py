@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 import torchmetrics
+import torchmetrics.aggregation
 
 from trainbus.errors import ConfigurationError, ConfigurationTypeError, ModelContractError
 
@@ -40,6 +41,20 @@ class TorchMetricConfig:
     preds: str = "preds"
     target: str = "target"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.metric, torchmetrics.Metric):
+            raise ConfigurationTypeError(
+                f"metric={self.metric!r} is not a torchmetrics.Metric; pass an instance, e.g. "
+                "TorchMetricConfig(torchmetrics.Accuracy(task='binary'))"
+            )
+        for name in ("preds", "target"):
+            key = getattr(self, name)
+            if not isinstance(key, str) or not key:
+                raise ConfigurationError(
+                    f"{name}={key!r} is not a non-empty string; pass the key under which "
+                    f"evaluation_step returns the {name}, e.g. {name}={name!r}"
+                )
+
 
 MetricSpec = LossMetricConfig | TorchMetricConfig | torchmetrics.Metric
 
@@ -57,18 +72,23 @@ class BoundMetric(Protocol):
 
 
 class _MeanLoss:
-    """Batch-size-weighted mean of ``outputs[loss_name]``, accumulated on the device."""
+    """Batch-size-weighted mean of ``outputs[loss_name]``, accumulated on the device.
+
+    A torchmetrics ``MeanMetric``: in a distributed run its totals are summed over the ranks
+    when it is computed. NaN is kept (a diverged evaluation must show, not be dropped).
+    """
 
     higher_is_better: bool | None = False
 
     def __init__(self, name: str, loss_name: str) -> None:
         self.name = name
         self.loss_name = loss_name
-        self._total: torch.Tensor | None = None
+        # NaN replaced by NaN keeps it; "disable" would also drop the batch-size weights.
+        self.metric = torchmetrics.aggregation.MeanMetric(nan_strategy=math.nan)
         self._count = 0
 
     def to(self, device: torch.device) -> None:
-        self._total = None
+        self.metric.to(device)
 
     def update(self, outputs: Mapping[str, Any], batch_size: int) -> None:
         value = _lookup(outputs, self.loss_name, self.name)
@@ -77,18 +97,27 @@ class _MeanLoss:
                 f"metric {self.name!r} reads evaluation_step's {self.loss_name!r}, which is "
                 f"{_shape(value)}; return the batch's mean loss as a scalar tensor"
             )
-        weighted = value.detach().float() * batch_size
-        self._total = weighted if self._total is None else self._total + weighted
+        self.metric.update(value.detach().float(), batch_size)
         self._count += batch_size
 
     def compute(self) -> float:
-        if self._total is None or self._count == 0:
+        if self._count == 0 and not _synchronised():
             return math.nan
-        return float((self._total / self._count).item())  # host-device sync, once per pass
+        return float(self.metric.compute().item())  # host-device sync, once per pass
 
     def reset(self) -> None:
-        self._total = None
+        self.metric.reset()
         self._count = 0
+
+
+def _synchronised() -> bool:
+    """Whether metrics are reduced across processes (every rank must then compute)."""
+    distributed = torch.distributed
+    return bool(
+        distributed.is_available()
+        and distributed.is_initialized()
+        and distributed.get_world_size() > 1
+    )
 
 
 class _TorchMetric:

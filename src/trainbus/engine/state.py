@@ -58,13 +58,15 @@ class TrainerState:
     - ``iteration``: training batches started since the beginning of training (1 at the first).
     - ``global_step``: optimizer steps taken (one per ``accumulate_grad_batches`` batches).
     - ``samples_seen``: training samples of the batches started so far (the current batch
-      counts from its ``batch_start``).
+      counts from its ``batch_start``), on every rank together in a distributed run.
     - ``train_loss``: mean training loss over the last log interval (refreshed only then:
       reading it from the device is a host-device sync).
     - ``stopped_by``/``stop_reason``: who asked to stop and why; ``stop_resumable`` whether a
       resume clears that stop (see :class:`~trainbus.Stop`).
     - ``metrics``: the latest validation/test metrics; ``best_metrics``/``best_epochs`` the best
       value of each metric seen during training and the epoch it was seen in.
+    - ``rank``/``world_size``: this process's rank and the number of processes (0 and 1 unless
+      launched by torchrun); ``batch_idx`` and ``num_batches`` count this rank's share.
     """
 
     stage: str = "idle"

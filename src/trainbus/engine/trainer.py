@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
+import inspect
 import math
 import os
 import platform
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import trainbus
 from trainbus.engine import checkpoint
+from trainbus.engine import distributed as dist_tools
 from trainbus.engine.compute import (
     DeterministicMode,
     Precision,
@@ -60,7 +65,7 @@ from trainbus.errors import (
 from trainbus.events import plugins as plugin_loader
 from trainbus.events.bus import SOURCE_BUILTIN, SOURCE_USER, EventBus
 from trainbus.events.callback import Callback
-from trainbus.events.catalog import closest_names
+from trainbus.events.catalog import EVENTS, closest_names
 from trainbus.events.commands import (
     Request,
     SaveCheckpoint,
@@ -75,6 +80,8 @@ from trainbus.handlers.defaults import default_callbacks as _default_callbacks
 from trainbus.handlers.model_checkpoint import check_tag_conflicts
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+L = TypeVar("L", bound=Iterable[Any])
 Stage = Literal["train", "validate", "test", "predict"]
 
 
@@ -107,6 +114,13 @@ class Trainer:
       ``TRAINBUS_DISABLE_PLUGIN_AUTOLOAD=1``), ``False``, or the names to load; ``block``:
       names never to load (checked before import). ``TRAINBUS_PLUGINS=a,b`` in the
       environment is an allow list. See :mod:`trainbus.events.plugins`.
+    - ``ddp_options``: keyword arguments for ``DistributedDataParallel`` in a run launched by
+      ``torchrun`` (e.g. ``{"find_unused_parameters": True}``); see
+      :mod:`trainbus.engine.distributed`.
+
+    Under ``torchrun`` the same script trains data-parallel: rank 0 writes the MAPS and the
+    logs, every rank trains on its share of each epoch, and ``state.rank`` /
+    ``state.world_size`` say where a handler runs.
     """
 
     def __init__(
@@ -132,6 +146,7 @@ class Trainer:
         overwrite: bool = False,
         plugins: Literal["auto"] | Sequence[str] | bool = "auto",
         block: Sequence[str] = (),
+        ddp_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, Model):
             raise ConfigurationTypeError(
@@ -149,7 +164,7 @@ class Trainer:
             isinstance(gradient_clip_val, bool)
             or not isinstance(gradient_clip_val, int | float)
             or not gradient_clip_val > 0
-            or not math.isfinite(gradient_clip_val)
+            or not _finite_number(gradient_clip_val)
         ):
             raise ConfigurationError(
                 f"gradient_clip_val={gradient_clip_val!r} is not a positive finite number; "
@@ -161,7 +176,16 @@ class Trainer:
             )
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
-        self.device = resolve_device(device)
+        self.placement = dist_tools.detect_placement()
+        if ddp_options is not None and (
+            not isinstance(ddp_options, Mapping) or not all(isinstance(k, str) for k in ddp_options)
+        ):
+            raise ConfigurationTypeError(
+                f"ddp_options={ddp_options!r} is not a dict of DistributedDataParallel keyword "
+                "arguments; pass e.g. ddp_options={'find_unused_parameters': True}"
+            )
+        self.ddp_options: dict[str, Any] = dict(ddp_options or {})
+        self.device = resolve_device(dist_tools.device_for(self.placement, device))
         # On the CPU, training batches are used as the loader yields them: walking each batch
         # to find nothing to move costs microseconds per step.
         self._moves_batches = self.device.type != "cpu"
@@ -170,6 +194,14 @@ class Trainer:
             raise ConfigurationTypeError(
                 f"compile={compile!r} is not a bool or a dict of torch.compile arguments"
             )
+        if isinstance(compile, Mapping):
+            accepted = set(inspect.signature(torch.compile).parameters) - {"model"}
+            unknown = sorted(str(key) for key in compile if key not in accepted)
+            if unknown:
+                raise ConfigurationError(
+                    f"compile={dict(compile)!r} has keywords {unknown} that torch.compile does "
+                    f"not take; it takes {sorted(accepted)}"
+                )
         self.compile_options: dict[str, Any] | None = (
             dict(compile) if isinstance(compile, Mapping) else ({} if compile else None)
         )
@@ -184,11 +216,22 @@ class Trainer:
             )
         self.nonfinite_loss = nonfinite_loss
         self._skipped_nonfinite = 0
+        if not isinstance(overwrite, bool):
+            raise ConfigurationTypeError(
+                f"overwrite={overwrite!r} is not a bool; pass overwrite=True to replace an "
+                "existing MAPS, or leave it False"
+            )
+        defaults_given: object = default_callbacks  # typed as a choice; users pass anything
+        if isinstance(defaults_given, str | bytes):
+            raise ConfigurationTypeError(
+                f"default_callbacks={default_callbacks!r} is a string; pass True, False, a list "
+                "of default callback types (e.g. [LoggerCallback]) or {Type: False}"
+            )
         self.seed = None if seed is None else seed_everything(seed)
         self.maps = maps if isinstance(maps, Maps) else Maps(maps, overwrite=overwrite)
         self.model = model
         self.metrics: dict[str, BoundMetric] = bind_metrics(metrics)
-        self.bus = EventBus()
+        self.bus = EventBus(rank=self.placement.rank)
         if not isinstance(default_callbacks, bool | Mapping) and isinstance(
             default_callbacks, Iterable
         ):
@@ -209,7 +252,19 @@ class Trainer:
         check_tag_conflicts(self.callbacks)
         self.optimizers: list[torch.optim.Optimizer] = []
         self.scaler: torch.amp.GradScaler | None = None
-        self._state = StateKeeper(max_epochs=self.max_epochs)
+        self._state = StateKeeper(
+            max_epochs=self.max_epochs,
+            rank=self.placement.rank,
+            world_size=self.placement.world_size,
+        )
+        # Distributed runs: the group of the current call, the requests not yet agreed on by
+        # every rank, whether an event that may carry one fired since the last agreement, and
+        # the signal the ranks agreed on.
+        self._group: dist_tools.ProcessGroup | None = None
+        self._unshared: list[Request] = []
+        self._agreement_due = False
+        self._agreed_signal = 0
+        self._forward: DistributedDataParallel | None = None
         self._pending: list[Request] = []
         self._calls: list[dict[str, Any]] = []
         self._compiled = False
@@ -278,6 +333,16 @@ class Trainer:
                 f"{handle.file(MAPS_FILE)} cannot be read ({exc}); it is needed to rebuild "
                 "the Trainer"
             ) from exc
+        allowed = {
+            name
+            for name, parameter in inspect.signature(cls.__init__).parameters.items()
+            if parameter.kind is parameter.KEYWORD_ONLY
+        }
+        unknown = sorted(set(overrides) - allowed)
+        if unknown:
+            raise ConfigurationTypeError(
+                f"Trainer.from_maps got unknown settings {unknown}; it takes {sorted(allowed)}"
+            )
         reused = {key: settings[key] for key in _REUSED_SETTINGS if key in settings}
         if reused.get("compile") is None:
             reused.pop("compile", None)
@@ -317,12 +382,14 @@ class Trainer:
         before: str | Sequence[str] = (),
         after: str | Sequence[str] = (),
         reverse: bool = False,
+        rank_zero_only: bool = False,
     ) -> Callable[[F], F]:
         """Decorator: subscribe a function to ``event`` on this trainer's bus.
 
         ``before``/``after`` name subscriber ids (or callback ids) this one must precede or
         follow whatever the priorities say; ``reverse=True`` at an end event mirrors the
-        order of the paired start event (see :class:`~trainbus.events.marker.Options`).
+        order of the paired start event (see :class:`~trainbus.events.marker.Options`);
+        ``rank_zero_only=True`` calls it on rank 0 only in a run launched by torchrun.
 
         ::
 
@@ -345,6 +412,7 @@ class Trainer:
                 after=after,
                 reverse=reverse,
                 source=SOURCE_USER,
+                rank_zero_only=rank_zero_only,
             )
             return add_mark(function, Mark(event, subscription.options))
 
@@ -353,6 +421,11 @@ class Trainer:
     def emit(self, event: str, /, **payload: Any) -> None:
         """Emit a custom event (declared with ``trainer.bus.declare``) with its payload names."""
         spec = self.bus.spec(event)
+        if event in EVENTS:
+            raise ConfigurationError(
+                f"emit({event!r}): built-in events are announced by the loop only; declare a "
+                "custom event (trainer.bus.declare(EventSpec(...))) and emit that"
+            )
         given = set(payload)
         expected = set(spec.payload)
         if given != expected:
@@ -384,33 +457,48 @@ class Trainer:
         if val_loader is not None:
             _check_loader("val_loader", val_loader)
         if resume is None:
-            resume = self._adopt_maps
+            # Under torchrun, a restart after a worker failed resumes the interrupted run.
+            resume = self._adopt_maps or (self.placement.restart_count > 0 and self.maps.is_maps())
         elif not isinstance(resume, bool):
             raise ConfigurationTypeError(f"resume={resume!r} is not a bool")
-        found = self._resume_point() if resume else None
-        self._train_loader = train_loader
-        with StopSignals() as self._signals, self._call("train", adopt=found is not None):
-            self._prepare_training()
-            if found is not None:
-                self._restore(found, train_loader)
-            self._emit("train_start", optimizers=self.optimizers, bus=self.bus)
-            if found is not None:
-                self._emit("resume", checkpoint=found.path)
-            self._save_pending()
-            while self._position["epoch"] < self.max_epochs and not self._stop_requested():
-                self._run_epoch(train_loader, val_loader)
-            self._emit("train_end")
-            self._save_pending()
-        if self._signals.received is not None:
+        with self._distributed():
+            train_loader = self._shard(train_loader, "train_loader", training=True)
+            if val_loader is not None:
+                val_loader = self._shard(val_loader, "val_loader", training=False)
+            found = self._on_main(self._resume_point) if resume else None
+            self._train_loader = train_loader
+            with StopSignals() as self._signals, self._call("train", adopt=found is not None):
+                self._prepare_training()
+                if found is not None:
+                    self._restore(found, train_loader)
+                self._emit("train_start", optimizers=self.optimizers, bus=self.bus)
+                if found is not None:
+                    self._emit("resume", checkpoint=found.path)
+                self._agree()
+                self._save_pending()
+                while self._position["epoch"] < self.max_epochs and not self._stop_requested():
+                    self._run_epoch(train_loader, val_loader)
+                self._emit("train_end")
+                self._agree()
+                self._save_pending()
+        received = self._signal_received()
+        if received:
             # After teardown: logs are flushed and the training state is written.
-            raise SystemExit(128 + self._signals.received)
+            raise SystemExit(128 + received)
         return self.state
+
+    def _signal_received(self) -> int:
+        """The stop signal to act on (0: none); in a distributed run, the one agreed on."""
+        if self.placement.distributed:
+            return self._agreed_signal
+        return self._signals.received or 0
 
     def _stop_on_signal(self, event: str) -> None:
         """A signal arrived: write a training state here, and stop (resumable)."""
-        if self._signals.received is None or self._stop_requested() or self._open_group:
+        received = self._signal_received()
+        if not received or self._stop_requested() or self._open_group:
             return
-        reason = f"received {self._signals.name}"
+        reason = f"received {signal.Signals(received).name}"
         self._accept([Request(Stop(reason, resumable=True), SIGNAL_SOURCE, event)])
         self._write_training_state(Request(SaveTrainingState(reason), SIGNAL_SOURCE, event))
 
@@ -428,6 +516,7 @@ class Trainer:
             skip = self._position["batches_done"]
             self._state.update(batch_idx=skip - 1, **changes)
             assert self._epoch_start is not None
+            dist_tools.set_epoch(train_loader, epoch)
             batches = resumed_iterator(train_loader, self._epoch_start, skip)
         else:
             skip = 0
@@ -435,6 +524,8 @@ class Trainer:
             self._restore_random_states()
             self._position = {"epoch": epoch, "batches_done": 0, "in_epoch": True}
             self._emit("epoch_start")
+            self._agree(only_if_due=True)
+            dist_tools.set_epoch(train_loader, epoch)
             self._epoch_start = EpochStart.capture(train_loader)
             batches = iter(train_loader)
         self._restore_random_states()
@@ -452,6 +543,7 @@ class Trainer:
         # else a stop cut the epoch: the position stays inside it, so a resumable stop
         # continues with the batches that were left.
         self._emit("epoch_end")
+        self._agree()
         self._save_pending()
         self._stop_on_signal("epoch_end")
 
@@ -467,7 +559,7 @@ class Trainer:
         """Run ``model.predict_step`` on every batch; returns the outputs, moved to the CPU."""
         _check_loader("loader", loader)
         predictions: list[Any] = []
-        with self._call("predict"):
+        with self._distributed(), self._call("predict"):
             self._prepare_model()
             self._emit("predict_start")
             self.model.eval()
@@ -493,6 +585,9 @@ class Trainer:
         model = self.model
         model.train()
         state = self._state
+        ddp = self._forward
+        forward = model.forward_step if ddp is None else ddp
+        world_size = self.placement.world_size
         accumulate = self.accumulate_grad_batches
         log_every = self.log_every_n_batches
         stop_before_epoch = self._stop_requested()
@@ -505,7 +600,7 @@ class Trainer:
             state.update(
                 batch_idx=batch_idx,
                 iteration=iteration,
-                samples_seen=state.get("samples_seen") + batch_size(batch),
+                samples_seen=state.get("samples_seen") + batch_size(batch) * world_size,
             )
             loss: torch.Tensor | None = None
             losses: Mapping[str, torch.Tensor] | None = None
@@ -513,14 +608,18 @@ class Trainer:
                 if self._moves_batches:
                     batch = move_to(batch, self.device)
                 self._emit("forward_start", batch=batch)
+                if ddp is not None:
+                    # Gradients are averaged across ranks at the backward that closes a group.
+                    ddp.require_backward_grad_sync = self._open_group + 1 >= accumulate or is_last
                 with self.precision.autocast():
-                    loss, losses = _loss_of(model.forward_step(batch))
-                finite = self.nonfinite_loss != "skip" or bool(torch.isfinite(loss))  # sync
+                    loss, losses = _loss_of(forward(batch))
+                finite = self.nonfinite_loss != "skip" or self._all_finite(loss)
                 if not finite:
                     self._skip_nonfinite(loss)
-                elif not self._emit_skippable(
-                    "backward_start", batch=batch, loss=loss, losses=losses
-                ):
+                    self._release_reduction()
+                elif self._emit_skippable("backward_start", batch=batch, loss=loss, losses=losses):
+                    self._release_reduction()
+                else:
                     scaled = loss / accumulate if accumulate > 1 else loss
                     if self.scaler is not None:
                         scaled = self.scaler.scale(scaled)
@@ -535,10 +634,14 @@ class Trainer:
             self._position["batches_done"] = batch_idx + 1
             if iteration % log_every == 0 or is_last:
                 self._log_loss()
-            if self.bus.has_subscribers("batch_end"):
+            # Distributed: emitted on every rank, so that each knows when to agree, even
+            # where the subscribers that may ask for something run on rank 0 only.
+            if self._group is not None or self.bus.has_subscribers("batch_end"):
                 self._emit(
                     "batch_end", batch=batch, loss=_detached(loss), losses=_detached_all(losses)
                 )
+            if self._group is not None:
+                self._agree(only_if_due=not (iteration % log_every == 0 or is_last))
             self._save_pending()
             self._stop_on_signal("batch_end")
             if not stop_before_epoch and self._stop_requested():
@@ -550,6 +653,7 @@ class Trainer:
             # The last batch was skipped while a group was open: step what was accumulated.
             self._optimizer_step(self._open_group)
             self._open_group = 0
+            self._agree(only_if_due=True)
             self._save_pending()
         if not seen_any and first == 0:
             raise DataError(
@@ -557,6 +661,24 @@ class Trainer:
                 "batch_size is not larger than the dataset with drop_last=True"
             )
         return True
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (a host-device sync, every step)."""
+        finite = bool(torch.isfinite(loss))
+        return finite if self._group is None else self._group.all_true(finite)
+
+    def _release_reduction(self) -> None:
+        """After a DDP forward whose backward is skipped: a zero backward ends its reduction.
+
+        DDP expects the backward of a forward that syncs gradients; without one, the next
+        forward fails on every rank. Zero gradients through the parameters (not the loss,
+        which may be NaN) complete it and average what the group accumulated so far.
+        """
+        ddp = self._forward
+        if ddp is None or not ddp.require_backward_grad_sync:
+            return
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        torch.stack([p.sum() * 0 for p in parameters]).sum().backward()  # type: ignore[no-untyped-call]
 
     def _optimizer_step(self, batches_in_group: int) -> None:
         if batches_in_group != self.accumulate_grad_batches:
@@ -614,7 +736,10 @@ class Trainer:
     def _log_loss(self) -> None:
         if not self._losses:
             return
-        mean = float(torch.stack(self._losses).float().mean().item())  # host-device sync
+        mean_tensor = torch.stack(self._losses).float().mean()
+        if self._group is not None:
+            mean_tensor = self._group.mean(mean_tensor)
+        mean = float(mean_tensor.item())  # host-device sync
         count = len(self._losses)
         self._losses = []
         if not math.isfinite(mean) and self.nonfinite_loss == "stop":
@@ -690,7 +815,8 @@ class Trainer:
         self, stage: Literal["validate", "test"], loader: Iterable[Any]
     ) -> dict[str, float]:
         _check_loader("loader", loader)
-        with self._call(stage):
+        with self._distributed(), self._call(stage):
+            loader = self._shard(loader, "loader", training=False)
             self._prepare_model()
             self._emit(f"{stage}_start")
             metrics = self._evaluation_pass(loader, "loader")
@@ -702,19 +828,48 @@ class Trainer:
     # --------------------------------------------------------------- dispatch
     def _emit(self, event: str, **extra: Any) -> list[Request]:
         subscribers = self.bus.dispatch_order(event)
+        if self._group is not None and self.bus.may_command(event):
+            self._agreement_due = True
         if not subscribers:
             return []
         payload = {"state": self._state.snapshot(), "model": self.model, "maps": self.maps}
         payload.update(extra)
         requests = self.bus.dispatch(event, subscribers, payload)
         if requests:
-            self._accept(requests)
+            if self._group is None:
+                self._accept(requests)
+            else:
+                self._unshared.extend(requests)
         return requests
 
     def _emit_skippable(self, event: str, **extra: Any) -> bool:
-        """Emit ``event``; True when a handler asked to skip the step."""
+        """Emit ``event``; True when a handler (on any rank) asked to skip the step."""
         requests = self._emit(event, **extra)
-        return bool(requests) and merge(requests).skip is not None
+        if self._group is None:
+            return bool(requests) and merge(requests).skip is not None
+        if not self.bus.may_command(event):
+            return False
+        agreed = self._agree()
+        return any(isinstance(r.command, SkipStep) and r.event == event for r in agreed)
+
+    def _agree(self, *, only_if_due: bool = False) -> list[Request]:
+        """Distributed runs: make the requests of every rank (and any signal) known to all.
+
+        A collective, so every rank calls it at the same points: after events whose
+        subscribers may return commands (:meth:`EventBus.may_command`, the same on every
+        rank), at log intervals, and at the boundaries of epochs and of training.
+        """
+        group = self._group
+        if group is None or (only_if_due and not self._agreement_due):
+            return []
+        self._agreement_due = False
+        local, self._unshared = self._unshared, []
+        agreed, received = group.agree(local, self._signals.received or 0)
+        if received and not self._agreed_signal:
+            self._agreed_signal = received
+        if agreed:
+            self._accept(agreed)
+        return agreed
 
     def _accept(self, requests: list[Request]) -> None:
         for request in requests:
@@ -738,6 +893,7 @@ class Trainer:
 
     def _apply_immediate(self) -> bool:
         """Carry out pending saves now; True when a stop was requested."""
+        self._agree(only_if_due=True)
         self._save_pending()
         return self._stop_requested()
 
@@ -750,19 +906,24 @@ class Trainer:
             command = request.command
             assert isinstance(command, SaveCheckpoint)
             snapshot = self._state.snapshot()
-            path = checkpoint.save_weights(
-                self.maps,
-                command.tag,
-                self.model,
-                metadata={
-                    **dict(command.metadata),
-                    "requested_by": request.source,
-                    "event": request.event,
-                    "epoch": snapshot.current_epoch,
-                    "global_step": snapshot.global_step,
-                    "iteration": snapshot.iteration,
-                    "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
-                },
+            path = self._on_main(
+                functools.partial(
+                    checkpoint.save_weights,
+                    self.maps,
+                    command.tag,
+                    self.model,
+                    metadata={
+                        **dict(command.metadata),
+                        "requested_by": request.source,
+                        "event": request.event,
+                        "epoch": snapshot.current_epoch,
+                        "global_step": snapshot.global_step,
+                        "iteration": snapshot.iteration,
+                        "model_class": (
+                            f"{type(self.model).__module__}.{type(self.model).__qualname__}"
+                        ),
+                    },
+                )
             )
             self._emit("checkpoint", checkpoint=path, tag=command.tag, kind="weights")
         # The training state goes last, so it includes what handlers of the weights'
@@ -779,9 +940,7 @@ class Trainer:
         snapshot = self._state.snapshot()
         in_epoch = bool(self._position["in_epoch"])
         name = checkpoint.training_state_name(snapshot.iteration, epoch_end=not in_epoch)
-        tensors = {
-            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
-            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+        own: dict[str, Any] = {
             "random": capture_random_states(),
             "loader_generators": capture_loader_generators(self._train_loader),
             "epoch_start": (
@@ -789,6 +948,14 @@ class Trainer:
             ),
             # The losses themselves, not their sum: the resumed run sums them in the same order.
             "losses": torch.stack(self._losses).cpu() if self._losses else None,
+        }
+        # Every rank's generators and losses differ: rank 0 writes them all.
+        every_rank = [own] if self._group is None else self._group.gather_on_main(own)
+        tensors = {
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            **own,
+            "other_ranks": (every_rank or [own])[1:],
             "callbacks": {c.callback_id: c.state_dict() for c in self.callbacks},
         }
         document = {
@@ -798,22 +965,26 @@ class Trainer:
             "bus": self.bus.state_dict(),
             "trainer": self._settings(),
             "callbacks": [c.callback_id for c in self.callbacks],
+            "world_size": self.placement.world_size,
         }
-        path = checkpoint.save_training_state(
-            self.maps,
-            name,
-            self.model,
-            tensors=tensors,
-            document=document,
-            metadata={
-                "requested_by": request.source,
-                "event": request.event,
-                "reason": getattr(request.command, "reason", ""),
-                "epoch": snapshot.current_epoch,
-                "iteration": snapshot.iteration,
-                "global_step": snapshot.global_step,
-                "in_epoch": in_epoch,
-            },
+        path = self._on_main(
+            functools.partial(
+                checkpoint.save_training_state,
+                self.maps,
+                name,
+                self.model,
+                tensors=tensors,
+                document=document,
+                metadata={
+                    "requested_by": request.source,
+                    "event": request.event,
+                    "reason": getattr(request.command, "reason", ""),
+                    "epoch": snapshot.current_epoch,
+                    "iteration": snapshot.iteration,
+                    "global_step": snapshot.global_step,
+                    "in_epoch": in_epoch,
+                },
+            )
         )
         self._emit("checkpoint", checkpoint=path, tag=name, kind="training")
 
@@ -854,6 +1025,7 @@ class Trainer:
                 f"trainbus reads {STATE_FORMAT!r}: resume with the trainbus version that wrote it"
             )
         position = document["position"]
+        own = self._own_part(found, tensors, document)
         if position["in_epoch"] and document["state"]["num_batches"] != _length(loader):
             raise CheckpointError(
                 f"the training state {found.path.name} stopped after batch "
@@ -883,13 +1055,13 @@ class Trainer:
         self._state.update(**restored)
         self.bus.load_state_dict(document["bus"])
         self._load_callback_states(tensors["callbacks"], found.path.name)
-        losses = tensors["losses"]
+        losses = own["losses"]
         self._losses = [] if losses is None else list(losses.to(self.device).unbind())
         self._position = dict(position)
-        self._resume_random = tensors["random"]
-        self._resume_loader_generators = tensors["loader_generators"]
+        self._resume_random = own["random"]
+        self._resume_loader_generators = own["loader_generators"]
         if position["in_epoch"]:
-            self._epoch_start = EpochStart.from_dict(tensors["epoch_start"])
+            self._epoch_start = EpochStart.from_dict(own["epoch_start"])
         changed = {
             key: (value, self._settings().get(key))
             for key, value in document["trainer"].items()
@@ -903,7 +1075,7 @@ class Trainer:
                 TrainbusWarning,
                 stacklevel=4,
             )
-        for newer in checkpoint.training_states(self.maps):
+        for newer in checkpoint.training_states(self.maps) if self.placement.is_main else ():
             if newer.name > found.path.name:
                 # Passed over as unusable: moved aside, so rotation never counts it as kept.
                 checkpoint.quarantine(newer)
@@ -913,6 +1085,42 @@ class Trainer:
             "iteration": document["state"]["iteration"],
             "skipped": list(found.skipped),
         }
+
+    def _own_part(
+        self, found: checkpoint.FoundState, tensors: Mapping[str, Any], document: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """This rank's generators, loader position and losses from a training state.
+
+        The same world size continues exactly. Another one continues from a state written at
+        an epoch's end, with a warning: weights, optimizers, schedulers, counters and callback
+        states are restored, but this rank's random states are not (they did not exist), and
+        the shards and the global batch change. In the middle of an epoch it is refused.
+        """
+        saved = int(document.get("world_size", 1))
+        now = self.placement.world_size
+        if saved == now:
+            mine: dict[str, Any] = (
+                dict(tensors)
+                if self.placement.rank == 0
+                else tensors["other_ranks"][self.placement.rank - 1]
+            )
+            return mine
+        if document["position"]["in_epoch"]:
+            raise CheckpointError(
+                f"the training state {found.path.name} was written by {saved} process(es) in "
+                f"the middle of an epoch, and this run has {now}; the position inside the epoch "
+                f"belongs to {saved} shards: resume with {saved} process(es), or from a state "
+                "written at an epoch's end (TrainingCheckpointCallback(every_n_epochs=1))"
+            )
+        warnings.warn(
+            f"resuming {found.path.name}, written by {saved} process(es), with {now}: weights, "
+            "optimizers, schedulers, counters and callback states are restored, but the "
+            "random states are not, each rank's share of the data and the global batch size "
+            "change; the run continues, not as it would have with the same world size",
+            TrainbusWarning,
+            stacklevel=5,
+        )
+        return {"random": None, "loader_generators": None, "epoch_start": None, "losses": None}
 
     def _load_callback_states(self, states: Mapping[str, Any], source: str) -> None:
         current = {c.callback_id: c for c in self.callbacks}
@@ -941,6 +1149,38 @@ class Trainer:
             self._resume_loader_generators = None
 
     # ------------------------------------------------------------- lifecycle
+    @contextlib.contextmanager
+    def _distributed(self) -> Iterator[None]:
+        """Under torchrun: the process group of one call (opened, then closed if ours)."""
+        if not self.placement.distributed:
+            yield
+            return
+        group = dist_tools.ProcessGroup(self.placement, self.device)
+        group.open()
+        self._group = group
+        self._agreed_signal = 0
+        try:
+            yield
+        finally:
+            self._group = None
+            self._forward = None
+            self._unshared = []
+            self._agreement_due = False
+            group.close()
+
+    def _on_main(self, action: Callable[[], T]) -> T:
+        """Run a MAPS write on rank 0 only; every rank gets its result (or its error)."""
+        return action() if self._group is None else self._group.on_main(action)
+
+    def _shard(self, loader: L, name: str, *, training: bool) -> L:
+        """This rank's share of ``loader`` in a distributed run (the loader itself otherwise)."""
+        if self._group is None:
+            return loader
+        if training:
+            seed = self.seed if self.seed is not None else 0
+            return dist_tools.shard_training_loader(loader, name, self.placement, seed)  # type: ignore[return-value]
+        return dist_tools.shard_evaluation_loader(loader, name, self.placement)  # type: ignore[return-value]
+
     def _call(self, stage: Stage, *, adopt: bool = False) -> _Call:
         return _Call(self, stage, adopt=adopt or self._adopt_maps)
 
@@ -974,8 +1214,30 @@ class Trainer:
             self.scaler = self.precision.grad_scaler()
             self._state.update(**_learning_rates(self.optimizers, read_tensors=True))
             self._write_maps_config()
+        if self._group is not None:
+            self._forward = dist_tools.wrap_model(self.model, self.device, self.ddp_options)
 
     def _begin(self, stage: Stage, *, adopt: bool) -> None:
+        stale, recovered = self._on_main(functools.partial(self._open_maps, adopt=adopt))
+        self._calls.append(
+            {
+                "call": stage,
+                "started": _now(),
+                "status": "running",
+                "requests": [],
+            }
+        )
+        if self.placement.distributed:
+            self._calls[-1]["world_size"] = self.placement.world_size
+        if stale is not None:
+            self._calls[-1]["recovered_lock"] = stale
+        if recovered:
+            self._calls[-1]["recovered"] = recovered
+        self._state.update(stage="train" if stage == "train" else stage, batch_idx=-1)
+        self._write_maps_config()
+
+    def _open_maps(self, *, adopt: bool) -> tuple[dict[str, Any] | None, list[str]]:
+        """Create or adopt the MAPS and lock it; the stale lock taken over and what was swept."""
         first = not self.maps.created
         if adopt:
             self.maps.adopt()
@@ -995,20 +1257,7 @@ class Trainer:
             if adopt
             else []
         )
-        self._calls.append(
-            {
-                "call": stage,
-                "started": _now(),
-                "status": "running",
-                "requests": [],
-            }
-        )
-        if stale is not None:
-            self._calls[-1]["recovered_lock"] = stale
-        if recovered:
-            self._calls[-1]["recovered"] = recovered
-        self._state.update(stage="train" if stage == "train" else stage, batch_idx=-1)
-        self._write_maps_config()
+        return stale, recovered
 
     def _end(self, error: BaseException | None) -> None:
         record = self._calls[-1]
@@ -1147,6 +1396,14 @@ class _Call:
             trainer._state.update(stage="idle")
             try:
                 trainer._end(error)
+            except Exception as end_error:
+                if error is None:
+                    raise
+                # e.g. a full disk refusing maps.json too: the first error is the one to see.
+                error.add_note(
+                    "trainbus: while recording the call in maps.json, "
+                    f"{type(end_error).__name__}: {end_error}"
+                )
             finally:
                 trainer.maps.unlock()
 
@@ -1200,7 +1457,7 @@ def _resolve_callbacks(
     given: list[Any]
     if callbacks is None:
         given = []
-    elif isinstance(callbacks, Callback) or not isinstance(callbacks, Iterable):
+    elif isinstance(callbacks, Callback | str | bytes) or not isinstance(callbacks, Iterable):
         raise ConfigurationTypeError(
             f"callbacks={callbacks!r} is not a list of callbacks; pass callbacks=[...]"
         )
@@ -1335,8 +1592,15 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
+def _finite_number(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _check_loader(name: str, loader: object) -> None:
-    if loader is None or not isinstance(loader, Iterable):
+    if loader is None or isinstance(loader, str | bytes) or not isinstance(loader, Iterable):
         raise DataError(
             f"{name}={loader!r} is not iterable; pass a torch.utils.data.DataLoader (or any "
             "iterable of batches)"

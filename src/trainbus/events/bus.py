@@ -24,6 +24,7 @@ import blinker
 
 from trainbus.errors import (
     CommandError,
+    ConfigurationError,
     ConfigurationTypeError,
     HandlerFailureWarning,
     SubscriptionError,
@@ -36,7 +37,14 @@ from trainbus.events.catalog import (
     validate_spec,
 )
 from trainbus.events.commands import Command, Request, SkipStep
-from trainbus.events.marker import OnError, Options, Predicate, as_ids, check_priority
+from trainbus.events.marker import (
+    OnError,
+    Options,
+    Predicate,
+    as_ids,
+    check_on_error,
+    check_priority,
+)
 
 if TYPE_CHECKING:
     from trainbus.events.callback import Callback
@@ -69,6 +77,7 @@ class Subscription:
     rank_zero_only: bool
     on_error: OnError
     filtered: bool
+    commands: bool  # may return a command (its return annotation is not ``None``)
     counted_calls: int = 0
     fast_counter: list[int] | None = None  # the dispatch count of the event's fast path
     timed_calls: int = 0
@@ -123,6 +132,7 @@ class PlanEntry:
     rank_zero_only: bool
     active: bool
     order: str = "-"
+    commands: bool = True  # may return a command (not annotated ``-> None``)
 
     def as_dict(self) -> dict[str, Any]:
         """The entry as plain JSON-ready values."""
@@ -154,11 +164,21 @@ class EventBus:
     """
 
     def __init__(self, *, rank: int = 0) -> None:
+        if type(rank) is not int:  # bool is not a rank
+            raise ConfigurationTypeError(
+                f"rank={rank!r} ({type(rank).__name__}) is not an int; pass this process's "
+                "rank in the distributed run, e.g. rank=0"
+            )
+        if rank < 0:
+            raise ConfigurationError(
+                f"rank={rank!r} is negative; ranks count from 0 (rank=0 on a single process)"
+            )
         self.rank = rank
         self._namespace = blinker.Namespace()
         self._specs: dict[str, EventSpec] = dict(EVENTS)
         self._order: dict[str, tuple[Subscription, ...]] = {}
         self._full_order: dict[str, tuple[Subscription, ...]] = {}
+        self._commanding: set[str] = set()
         # Events whose every active subscription is plain (no filter, on_error="raise") take
         # the fast path: no per-call bookkeeping; call counts are settled when read.
         self._fast: dict[str, _FastPlan] = {}
@@ -226,8 +246,15 @@ class EventBus:
         owner: str | None = None,
         rank_zero_only: bool = False,
     ) -> Subscription:
-        """Subscribe ``handler`` to ``event``; every check happens here, not at dispatch."""
+        """Subscribe ``handler`` to ``event``; every check happens here, not at dispatch.
+
+        ``on_error`` is ``"raise"`` (stop training) or ``"log"`` (record and go on); ``source``
+        names where the subscription comes from (``"user"``, ``"builtin"``, a plugin), ``owner``
+        the callback id it belongs to (or None), and ``rank_zero_only=True`` calls it on rank 0
+        only.
+        """
         check_priority(priority)
+        check_on_error(on_error)
         options = Options(
             priority,
             every,
@@ -266,6 +293,7 @@ class EventBus:
         rank_zero_only: bool,
     ) -> Subscription:
         spec = self.spec(event)
+        _check_origin(source, owner, rank_zero_only)
         if not callable(handler):
             raise ConfigurationTypeError(
                 f"handler {handler!r} for event {event!r} is not callable; "
@@ -305,6 +333,7 @@ class EventBus:
             filtered=options.every is not None
             or options.once is not None
             or options.when is not None,
+            commands=may_command(handler),
         )
         self._recall(subscription)
         self.signal(event).connect(subscription, weak=False)
@@ -316,6 +345,7 @@ class EventBus:
 
     def attach(self, callback: Callback, *, source: str = SOURCE_USER) -> list[Subscription]:
         """Subscribe every handler of ``callback`` (its ``on_<event>`` and ``@on`` methods)."""
+        _check_origin(source, None, callback.rank_zero_only)
         for spec in callback.events:
             self.declare(spec)
         made: list[Subscription] = []
@@ -373,6 +403,10 @@ class EventBus:
             self._full_order[event] = ordered
         else:
             self._full_order.pop(event, None)
+        if any(s.commands for s in ordered):
+            self._commanding.add(event)
+        else:
+            self._commanding.discard(event)
         active = tuple(s for s in ordered if self.rank == 0 or not s.rank_zero_only)
         if active:
             self._order[event] = active
@@ -424,6 +458,15 @@ class EventBus:
     def has_subscribers(self, event: str) -> bool:
         """Whether dispatching ``event`` would call anything."""
         return event in self._order
+
+    def may_command(self, event: str) -> bool:
+        """Whether a subscriber of ``event``, on any rank, may return a command.
+
+        A handler annotated ``-> None`` never does; any other (unannotated included) may. A
+        distributed run agrees on commands across ranks only after events for which this is
+        true, so the answer counts subscribers that run on rank 0 only as well.
+        """
+        return event in self._commanding
 
     def emit(self, event: str, /, **payload: Any) -> list[Request]:
         """Dispatch ``event`` with ``payload``; returns the commands handlers asked for."""
@@ -619,6 +662,7 @@ class EventBus:
                     on_error=subscription.on_error,
                     rank_zero_only=subscription.rank_zero_only,
                     active=self.rank == 0 or not subscription.rank_zero_only,
+                    commands=subscription.commands,
                     order=subscription.options.describe_order(),
                 )
             )
@@ -758,6 +802,35 @@ def _find_cycle(successors: Sequence[set[int]], candidates: Sequence[int]) -> li
     return cycle[start:] + cycle[:start]
 
 
+def _check_origin(source: object, owner: object, rank_zero_only: object) -> None:
+    """Check the ``source``, ``owner`` and ``rank_zero_only`` of a subscription."""
+    if not isinstance(source, str):
+        raise ConfigurationTypeError(
+            f"source={source!r} ({type(source).__name__}) is not a string; pass where the "
+            f"subscription comes from, e.g. source={SOURCE_USER!r} or source={SOURCE_BUILTIN!r}"
+        )
+    if not source.strip():
+        raise ConfigurationError(
+            f"source={source!r} is empty; pass where the subscription comes from, "
+            f"e.g. source={SOURCE_USER!r}"
+        )
+    if owner is not None and not isinstance(owner, str):
+        raise ConfigurationTypeError(
+            f"owner={owner!r} ({type(owner).__name__}) is not a string or None; pass the id "
+            "of the callback the handler belongs to, or leave owner=None"
+        )
+    if owner is not None and not owner.strip():
+        raise ConfigurationError(
+            f"owner={owner!r} is empty; pass the id of the callback the handler belongs to, "
+            "or leave owner=None"
+        )
+    if not isinstance(rank_zero_only, bool):
+        raise ConfigurationTypeError(
+            f"rank_zero_only={rank_zero_only!r} ({type(rank_zero_only).__name__}) is not a "
+            "bool; pass rank_zero_only=True to call the handler on rank 0 only, else False"
+        )
+
+
 def _derived_id(handler: Callable[..., Any], owner: str | None) -> str:
     name = getattr(handler, "__name__", None) or type(handler).__name__
     if owner is not None:
@@ -796,9 +869,24 @@ def _wanted_payload(handler: Callable[..., Any], spec: EventSpec) -> tuple[str, 
     return None if takes_all else tuple(wants)
 
 
+def may_command(handler: Callable[..., Any]) -> bool:
+    """Whether ``handler`` may return a command: it is not annotated ``-> None``."""
+    try:
+        annotation = inspect.signature(handler).return_annotation
+    except (TypeError, ValueError):
+        return True
+    return annotation not in (None, "None", type(None))
+
+
 def _requests(
     result: object, subscription: Subscription, spec: EventSpec, specs: Mapping[str, EventSpec]
 ) -> Iterable[Request]:
+    if not subscription.commands:
+        raise CommandError(
+            f"handler {subscription.id!r} of event {spec.name!r} is annotated to return None "
+            f"but returned {result!r}; annotate what it returns (e.g. '-> Stop | None') so "
+            "that a distributed run knows to agree on its commands"
+        )
     commands = result if isinstance(result, list | tuple) else (result,)
     for command in commands:
         if not isinstance(command, Command):

@@ -80,13 +80,22 @@ import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from trainbus.errors import ConfigurationError, UnknownEventError
+from trainbus.errors import ConfigurationError, ConfigurationTypeError, UnknownEventError
 
 COMMON_PAYLOAD: tuple[str, ...] = ("state", "model", "maps")
 """Payload names every event carries."""
 
 ITERATION_COUNTER = "iteration"
 EPOCH_COUNTER = "epoch_number"
+COUNTERS: tuple[str, ...] = (
+    EPOCH_COUNTER,
+    "current_epoch",
+    ITERATION_COUNTER,
+    "global_step",
+    "batch_idx",
+    "samples_seen",
+)
+"""The int counters of :class:`~trainbus.TrainerState` an event's ``counter`` may name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +103,9 @@ class EventSpec:
     """One event: its name, what its payload adds to the common names, and how filters count it.
 
     ``counter`` names the attribute of the ``state`` payload that ``every``/``once`` filters
-    count with (so the count survives a resume with the state); ``None`` makes the bus count
-    occurrences itself. ``skippable`` events accept a :class:`~trainbus.SkipStep` command.
+    count with (one of :data:`COUNTERS`, so the count survives a resume with the state);
+    ``None`` makes the bus count occurrences itself. ``skippable`` events accept a
+    :class:`~trainbus.SkipStep` command.
     """
 
     name: str
@@ -266,7 +276,11 @@ def unknown_event(name: object, known: Iterable[str]) -> UnknownEventError:
 
 
 def validate_spec(spec: EventSpec) -> None:
-    """Check a custom event's declaration; raise :class:`ConfigurationError` if it is unusable."""
+    """Check a custom event's declaration; raise a :class:`ConfigurationError` if it is unusable.
+
+    A wrong type raises :class:`ConfigurationTypeError`; every check happens at declaration,
+    so a bad ``counter`` cannot fail later at dispatch.
+    """
     if not isinstance(spec.name, str) or not spec.name.isidentifier() or not spec.name.islower():
         raise ConfigurationError(
             f"event name {spec.name!r} is not a lower_snake_case identifier; "
@@ -283,6 +297,28 @@ def validate_spec(spec: EventSpec) -> None:
                 f"payload name {item!r} of event {spec.name!r} is not a Python identifier; "
                 "handlers receive payload values as keyword arguments"
             )
+    if not isinstance(spec.doc, str):
+        raise ConfigurationTypeError(
+            f"doc={spec.doc!r} of event {spec.name!r} is not a string; pass a sentence saying "
+            "when the event fires, e.g. doc='A sample was logged.'"
+        )
+    if spec.counter is not None and not isinstance(spec.counter, str):
+        raise ConfigurationTypeError(
+            f"counter={spec.counter!r} of event {spec.name!r} is not a string or None; pass "
+            f"the name of a state counter ({', '.join(map(repr, COUNTERS))}) or None to let "
+            "the bus count occurrences"
+        )
+    if spec.counter is not None and spec.counter not in COUNTERS:
+        raise ConfigurationError(
+            f"counter={spec.counter!r} of event {spec.name!r} is not a counter of the state; "
+            f"pass one of {', '.join(map(repr, COUNTERS))}, or None to let the bus count "
+            "occurrences"
+        )
+    if not isinstance(spec.skippable, bool):
+        raise ConfigurationTypeError(
+            f"skippable={spec.skippable!r} of event {spec.name!r} is not a bool; pass "
+            "skippable=True if a handler may return SkipStep at this event, else False"
+        )
     duplicated = set(spec.payload) & set(COMMON_PAYLOAD)
     if duplicated or len(set(spec.payload)) != len(spec.payload):
         raise ConfigurationError(

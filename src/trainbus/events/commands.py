@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from trainbus.errors import ConfigurationError
+from trainbus.errors import ConfigurationError, ConfigurationTypeError
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,127}$")
 
@@ -43,12 +43,23 @@ class Stop(Command):
     reason: str = ""
     resumable: bool = False
 
+    def __post_init__(self) -> None:
+        _check_reason(self)
+        if not isinstance(self.resumable, bool):
+            raise ConfigurationTypeError(
+                f"Stop: resumable={self.resumable!r} is not a bool; pass True for a pause that a "
+                "resume continues, False (the default) for a final stop"
+            )
+
 
 @dataclass(frozen=True, slots=True)
 class SkipStep(Command):
     """Skip the rest of the current step (see the events marked skippable in the catalogue)."""
 
     reason: str = ""
+
+    def __post_init__(self) -> None:
+        _check_reason(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +80,7 @@ class SaveCheckpoint(Command):
                 "and '._=-' (at most 128 characters, no '..' and no path separators), "
                 "e.g. 'best-loss' or 'epoch-10'"
             )
+        object.__setattr__(self, "metadata", _metadata_pairs(self.metadata))
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +92,9 @@ class SaveTrainingState(Command):
     """
 
     reason: str = ""
+
+    def __post_init__(self) -> None:
+        _check_reason(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +118,41 @@ class Decision:
 
     def __bool__(self) -> bool:
         return bool(self.requests)
+
+
+def _check_reason(command: Stop | SkipStep | SaveTrainingState) -> None:
+    reason: object = command.reason  # annotated str, but given by user code
+    if not isinstance(reason, str):
+        name = type(command).__name__
+        raise ConfigurationTypeError(
+            f"{name}: reason={reason!r} is not a string; pass the text recorded with "
+            f"the request, e.g. {name}('validation loss reached 0.1')"
+        )
+
+
+def _metadata_pairs(metadata: object) -> tuple[tuple[str, str | int | float | bool | None], ...]:
+    """``metadata`` as a tuple of ``(name, plain value)`` pairs (a list of pairs is accepted).
+
+    Checked here: the values go into the checkpoint's JSON manifest when it is written.
+    """
+    problem = (
+        f"SaveCheckpoint: metadata={metadata!r} is not a tuple of (name, value) pairs with "
+        "string names and plain values (str, int, float, bool or None); pass e.g. "
+        "metadata=(('metric', 'loss'), ('value', 0.25))"
+    )
+    if not isinstance(metadata, tuple | list):
+        raise ConfigurationTypeError(problem)
+    pairs = []
+    for pair in metadata:
+        if (
+            not isinstance(pair, tuple | list)
+            or len(pair) != 2
+            or not isinstance(pair[0], str)
+            or not isinstance(pair[1], str | int | float | bool | None)
+        ):
+            raise ConfigurationTypeError(f"{problem}; {pair!r} is not such a pair")
+        pairs.append((pair[0], pair[1]))
+    return tuple(pairs)
 
 
 def merge(requests: Sequence[Request]) -> Decision:

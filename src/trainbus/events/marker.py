@@ -7,6 +7,7 @@ attached to a bus, a marked function in a plugin module when the plugin is enabl
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -74,13 +75,9 @@ class Options:
                 f"every={self.every!r} and once={self.once!r} were both given; "
                 "a subscription takes one counting filter"
             )
-        if self.when is not None and not callable(self.when):
-            raise ConfigurationTypeError(
-                f"when={self.when!r} is not callable; pass a function of the state that "
-                "returns True when the handler should run, e.g. when=lambda s: s.current_epoch > 2"
-            )
-        if self.on_error not in (None, "raise", "log"):
-            raise ConfigurationError(f"on_error={self.on_error!r} is not one of 'raise', 'log'")
+        if self.when is not None:
+            _check_predicate(self.when)
+        check_on_error(self.on_error, allow_none=True)
         if self.id is not None and (not isinstance(self.id, str) or not self.id.strip()):
             raise ConfigurationError(f"id={self.id!r} is not a non-empty string")
 
@@ -105,14 +102,43 @@ class Options:
 
 def _subscriber_ids(name: str, value: object) -> tuple[str, ...]:
     items = (value,) if isinstance(value, str) else value
-    if not isinstance(items, tuple | list | set | frozenset) or not all(
-        isinstance(item, str) and item.strip() for item in items
-    ):
+    ids: list[str] = []
+    bad: list[object] = []
+    if isinstance(items, tuple | list | set | frozenset):
+        for item in items:
+            if isinstance(item, str) and item.strip():
+                ids.append(item.strip())
+            else:
+                bad.append(item)
+    else:
+        bad.append(value)
+    if bad:
+        held = f" (it holds {bad[0]!r})" if bad[0] is not value else ""
         raise ConfigurationTypeError(
-            f"{name}={value!r} is not a subscriber id or a list of them; pass e.g. "
+            f"{name}={value!r} is not a subscriber id or a list of them{held}; pass e.g. "
             f"{name}='ModelCheckpointCallback' or {name}=['LoggerCallback.on_epoch_end']"
         )
-    return tuple(sorted({item.strip() for item in items}))
+    return tuple(sorted(set(ids)))
+
+
+def _check_predicate(when: object) -> None:
+    """Refuse a ``when`` that cannot be called with the state (found now, not at dispatch)."""
+    if not callable(when):
+        raise ConfigurationTypeError(
+            f"when={when!r} is not callable; pass a function of the state that "
+            "returns True when the handler should run, e.g. when=lambda s: s.current_epoch > 2"
+        )
+    try:
+        signature = inspect.signature(when)
+    except (TypeError, ValueError):  # some builtins have no signature: checked at dispatch
+        return
+    try:
+        signature.bind(None)
+    except TypeError:
+        raise ConfigurationTypeError(
+            f"when={when!r} cannot be called with one argument (the state snapshot); its "
+            f"signature is {signature}; pass e.g. when=lambda state: state.current_epoch > 2"
+        ) from None
 
 
 def check_priority(priority: object, *, allow_none: bool = False) -> None:
@@ -123,6 +149,23 @@ def check_priority(priority: object, *, allow_none: bool = False) -> None:
         raise ConfigurationTypeError(
             f"priority={priority!r} ({type(priority).__name__}) is not an int; "
             "pass an integer such as priority=10 (higher runs first)"
+        )
+
+
+def check_on_error(on_error: object, *, allow_none: bool = False) -> None:
+    """Raise unless ``on_error`` is ``"raise"`` or ``"log"`` (or ``None`` where allowed)."""
+    if on_error is None and allow_none:
+        return
+    if not isinstance(on_error, str):
+        default = " (or None for the owner's default)" if allow_none else ""
+        raise ConfigurationTypeError(
+            f"on_error={on_error!r} ({type(on_error).__name__}) is not a string; pass "
+            f"on_error='raise' to stop training or on_error='log' to record and go on{default}"
+        )
+    if on_error not in ("raise", "log"):
+        raise ConfigurationError(
+            f"on_error={on_error!r} is not one of 'raise', 'log'; pass on_error='raise' to "
+            "stop training when the handler fails or on_error='log' to record it and go on"
         )
 
 

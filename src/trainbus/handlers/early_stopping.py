@@ -400,7 +400,11 @@ def _check_number(name: str, value: object, *, none_allowed: bool = False) -> No
         raise ConfigurationTypeError(
             f"{_OWNER}: {name}={value!r} is not a number{alternative}; pass a finite float"
         )
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
         raise ConfigurationError(
             f"{_OWNER}: {name}={value!r} is not a finite number; pass a finite float{alternative}"
         )

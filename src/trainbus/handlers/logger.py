@@ -30,6 +30,7 @@ from trainbus.events.callback import Callback
 from trainbus.events.catalog import EventSpec
 from trainbus.events.marker import Options
 from trainbus.handlers import priorities
+from trainbus.handlers.text import escape_control
 
 LOG_FILE = "train.jsonl"
 
@@ -436,27 +437,7 @@ def _join_lists(_: Any, __: str, event: MutableMapping[str, Any]) -> Mapping[str
 
 def _escape_line(_: Any, __: str, line: str) -> str:
     """Console only, after rendering: one line, whatever a name, a reason or an error holds."""
-    return _escape(line)
-
-
-_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape(text: str) -> str:
-    """``text`` with every non-printable character (CR, LF, ESC, ...) written as an escape."""
-    if text.isprintable():
-        return text
-    return "".join(
-        char if char.isprintable() else _NAMED_ESCAPES.get(char) or _code_escape(char)
-        for char in text
-    )
-
-
-def _code_escape(char: str) -> str:
-    code = ord(char)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+    return escape_control(line)
 
 
 def _finite_json(_: Any, __: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:

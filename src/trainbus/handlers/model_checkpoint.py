@@ -75,9 +75,13 @@ class ModelCheckpointCallback(Callback):
     then writes the replayed epochs again; when it diverges from the interrupted run (other
     data or settings), ``{prefix}best-{metric}`` and ``{prefix}last`` may hold a model of the
     discarded epochs until the replay writes them.
+
+    In a distributed run it decides and deletes on rank 0 only; the metrics it ranks by are
+    reduced over every rank, and the weights (the same on every rank) are written once.
     """
 
     priority = priorities.CHECKPOINT
+    rank_zero_only = True
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ from trainbus.events.bus import EventBus
 from trainbus.events.callback import Callback
 from trainbus.handlers import priorities
 from trainbus.handlers.gpu import GpuReading, NvmlReader, nvml_device, visible_devices
+from trainbus.handlers.text import escape_control
 
 MONITOR_FILE = "monitor.json"
 TOP_SUBSCRIBERS = 10
@@ -692,13 +693,13 @@ def _subscriber_lines(subscribers: Mapping[str, Any], top: int) -> list[str]:
     shown = timed[:top]
     if not shown:
         return [f"  subscribers: none ran often enough to be timed (1 dispatch in {sample_every})"]
-    width = min(max(len(str(row["id"])) for row in shown), 60)
+    width = min(max(len(escape_control(str(row["id"]))) for row in shown), 60)
     lines = [
         f"  top subscribers by estimated time (1 dispatch in {sample_every} timed per event)",
         f"    {'subscriber':<{width}}  {'event':<20}{'calls':>8}{'mean ms':>11}{'total s':>10}",
     ]
     for row in shown:
-        name = str(row["id"])
+        name = escape_control(str(row["id"]))
         if len(name) > width:
             name = "..." + name[-(width - 3) :]
         lines.append(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,9 @@ from trainbus.engine.maps import Maps
 from trainbus.engine.state import TrainerState
 from trainbus.errors import ConfigurationError, ConfigurationTypeError
 from trainbus.events.callback import Callback
+from trainbus.events.catalog import EVENTS, EventSpec
 from trainbus.events.commands import SaveTrainingState
+from trainbus.events.marker import Options
 from trainbus.handlers import priorities
 
 
@@ -31,9 +33,14 @@ class TrainingCheckpointCallback(Callback):
     written by the Trainer after every other handler of the event has run, so the state it
     saves is the state after the epoch (early-stopping counters included). Resume with
     ``Trainer.from_maps(path, model).train(...)`` or ``trainer.train(..., resume=True)``.
+
+    In a distributed run it decides on rank 0, and every rank contributes its random states
+    to the state rank 0 writes. Without ``every_n_steps`` it does not subscribe to
+    ``batch_end``, so the ranks need not agree on anything after each step.
     """
 
     priority = priorities.TRAINING_CHECKPOINT
+    rank_zero_only = True
 
     def __init__(
         self,
@@ -78,6 +85,13 @@ class TrainingCheckpointCallback(Callback):
         self.last_step: int | None = None
         self.last_boundary: int | None = None
         self._resumed_from: Path | None = None
+
+    def handlers(
+        self, known_events: Mapping[str, EventSpec] = EVENTS
+    ) -> Iterator[tuple[str, Any, Options]]:
+        for event, method, options in super().handlers(known_events):
+            if event != "batch_end" or self.every_n_steps is not None:
+                yield event, method, options
 
     def on_batch_end(self, *, state: TrainerState) -> SaveTrainingState | None:
         step = state.global_step
