@@ -49,6 +49,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from trainbus.engine.resume import replica
 from trainbus.errors import ConfigurationError, TrainbusError
 from trainbus.events.commands import Request
 
@@ -351,6 +352,18 @@ def _kept_sampler(loader: DataLoader[Any]) -> bool:
     return False
 
 
+def _to_shard(name: str, loader: Iterable[Any]) -> bool:
+    """Whether trainbus shards ``loader`` (a map-style DataLoader without a distributed sampler)."""
+    if (
+        not isinstance(loader, DataLoader)
+        or isinstance(loader.dataset, IterableDataset)
+        or _kept_sampler(loader)
+    ):
+        return False
+    _check_shardable(name, loader)
+    return True
+
+
 def _check_shardable(name: str, loader: DataLoader[Any]) -> None:
     batch_sampler = loader.batch_sampler
     plain_batches = batch_sampler is None or type(batch_sampler) is BatchSampler
@@ -376,13 +389,9 @@ def shard_training_loader(
     ``torch.distributed.get_rank()``) and other iterables are used as they are: they must
     give every rank the same number of batches, as the ranks meet after each epoch's last.
     """
-    if (
-        not isinstance(loader, DataLoader)
-        or isinstance(loader.dataset, IterableDataset)
-        or _kept_sampler(loader)
-    ):
+    if not _to_shard(name, loader):
         return loader
-    _check_shardable(name, loader)
+    assert isinstance(loader, DataLoader)
     sampler: DistributedSampler[Any] = DistributedSampler(
         loader.dataset,
         num_replicas=placement.world_size,
@@ -398,13 +407,9 @@ def shard_evaluation_loader(
     loader: Iterable[Any], name: str, placement: Placement
 ) -> Iterable[Any]:
     """A copy of ``loader`` over this rank's exact shard (see :class:`EvaluationShard`)."""
-    if (
-        not isinstance(loader, DataLoader)
-        or isinstance(loader.dataset, IterableDataset)
-        or _kept_sampler(loader)
-    ):
+    if not _to_shard(name, loader):
         return loader
-    _check_shardable(name, loader)
+    assert isinstance(loader, DataLoader)
     if not isinstance(loader.dataset, Sized):
         return loader
     shard = EvaluationShard(len(loader.dataset), placement.rank, placement.world_size)
@@ -412,24 +417,10 @@ def shard_evaluation_loader(
 
 
 def _rebuilt(loader: DataLoader[Any], sampler: Sampler[int]) -> DataLoader[Any]:
-    arguments: dict[str, Any] = {
-        "dataset": loader.dataset,
-        "batch_size": loader.batch_size,
-        "sampler": sampler,
-        "drop_last": loader.drop_last,
-        "num_workers": loader.num_workers,
-        "collate_fn": loader.collate_fn,
-        "pin_memory": loader.pin_memory,
-        "timeout": loader.timeout,
-        "worker_init_fn": loader.worker_init_fn,
-        "multiprocessing_context": loader.multiprocessing_context,
-        "generator": loader.generator,
-        "in_order": loader.in_order,
-    }
-    if loader.num_workers > 0:
-        arguments["prefetch_factor"] = loader.prefetch_factor
-        arguments["persistent_workers"] = loader.persistent_workers
-    return DataLoader(**arguments)
+    kept = {"persistent_workers": loader.persistent_workers} if loader.num_workers > 0 else {}
+    return replica(
+        loader, sampler=sampler, batch_size=loader.batch_size, drop_last=loader.drop_last, **kept
+    )
 
 
 def set_epoch(loader: Iterable[Any], epoch: int) -> None:

@@ -210,20 +210,23 @@ def resumed_iterator(loader: Iterable[Any], start: EpochStart, skip: int) -> Ite
         return iterator
     if loader.batch_sampler is not None:
         skipper = _SkipFirst(loader.batch_sampler, skip)
-        replica = _replica(loader, batch_sampler=skipper)
+        resumed = replica(loader, batch_sampler=skipper)
     else:
         skipper = _SkipFirst(loader.sampler, skip)
-        replica = _replica(loader, sampler=skipper, batch_size=None)
+        resumed = replica(loader, sampler=skipper, batch_size=None)
     if start.reused_iterator:
         # A persistent iterator was reset: the permutation was drawn first, with no new seed.
         skipper.prime()
-    iterator = iter(replica)
+    iterator = iter(resumed)
     skipper.prime()  # single-process iterators draw lazily; the straight run drew here
     return iterator
 
 
-def _replica(loader: DataLoader[Any], **changes: Any) -> DataLoader[Any]:
-    """A DataLoader like ``loader`` (same dataset, workers, collation) with ``changes``."""
+def replica(loader: DataLoader[Any], **changes: Any) -> DataLoader[Any]:
+    """A DataLoader like ``loader`` (same dataset, workers, collation) with ``changes``.
+
+    Worker processes are not kept between epochs unless ``changes`` says so.
+    """
     arguments: dict[str, Any] = {
         "dataset": loader.dataset,
         "num_workers": loader.num_workers,
