@@ -543,7 +543,11 @@ def _subscribe_any(argument: str, value: object) -> Callable[[Path], object]:
 
 
 SUBSCRIPTION_CASES = [
-    *rows("Trainer.on", _ON_ERROR_EXPLICIT, _trainer_on_call),
+    *rows(
+        "Trainer.on",
+        {**_ON_ERROR_EXPLICIT, "rank_zero_only": SUBSCRIBE["rank_zero_only"]},
+        _trainer_on_call,
+    ),
     *rows("on", _SUBSCRIPTION, _on_call),
     *rows("EventBus.subscribe", SUBSCRIBE, _subscribe_any),
     *rows(
@@ -1321,7 +1325,10 @@ NO_WRONG_VALUE: dict[str, dict[str, str]] = {
         "deterministic": "both bools are valid",
         "overwrite": "both bools are valid",
     },
-    "Trainer.on": {"priority": "every int is a priority"},
+    "Trainer.on": {
+        "priority": "every int is a priority",
+        "rank_zero_only": "both bools are valid",
+    },
     "on": {"priority": "every int is a priority"},
     "EventBus.subscribe": {
         "priority": "every int is a priority",

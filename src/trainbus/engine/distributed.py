@@ -152,9 +152,24 @@ _control_groups: dict[int, Any] = {}
 
 
 def _destroy_at_exit() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Destroy the group trainbus created, once every rank is done with it.
+
+    Gloo's threads must be stopped while the interpreter is still alive, and a rank that
+    tears its connections down while another still uses them can abort that one: the ranks
+    first meet (for a minute at most; a rank that never comes leaves the group as it is).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(minutes=1))
+        else:
+            control = _control_groups.get(id(dist.group.WORLD))
+            dist.monitored_barrier(group=control, timeout=timedelta(minutes=1))
+    except RuntimeError:
+        return
     _control_groups.clear()
+    dist.destroy_process_group()
 
 
 class ProcessGroup:
