@@ -10,7 +10,9 @@ script cannot rot). Reports:
   ``torch.cuda.set_sync_debug_mode("warn")`` over a run: outside log intervals the target is
   none (the loss is read once per ``log_every_n_batches`` batches);
 - NVML readings through the MonitorCallback (memory used, utilisation), and the time one
-  NVML reading takes.
+  NVML reading takes;
+- one data-parallel training of ``examples/data_parallel.py`` under ``torchrun`` with one
+  process (nccl on the GPU, gloo on the CPU), with its exit status and summary line.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import io
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -190,6 +193,32 @@ def main() -> None:
     seconds = nvml_read_seconds()
     if seconds is not None:
         print(f"nvml: one memory + utilisation reading {seconds * 1e6:.1f} us")
+    torchrun_check()
+
+
+def torchrun_check() -> None:
+    """Train the data-parallel example under torchrun with one process; print its outcome."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "data_parallel.py"
+    with tempfile.TemporaryDirectory() as scratch:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=1",
+            str(example),
+            str(Path(scratch) / "maps"),
+            "--epochs",
+            "2",
+        ]
+        started = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        seconds = time.perf_counter() - started
+    summary = [line for line in result.stdout.splitlines() if line.startswith("rank ")]
+    print(
+        f"torchrun: exit status {result.returncode} in {seconds:.1f} s; "
+        + (summary[-1] if summary else "no summary line: " + result.stderr[-500:])
+    )
 
 
 if __name__ == "__main__":

@@ -45,9 +45,12 @@ def main() -> None:
 
     @trainer.on("train_end", rank_zero_only=True)
     def summary(*, state: TrainerState) -> None:
+        group = torch.distributed
+        backend = group.get_backend() if group.is_initialized() else "none"
         print(
             f"rank {state.rank} of {state.world_size}: {state.global_step} steps, "
-            f"{state.samples_seen} samples, validation loss {state.metrics['loss']:.4f}"
+            f"{state.samples_seen} samples, validation loss {state.metrics['loss']:.4f} "
+            f"(process group: {backend}, device: {trainer.device})"
         )
 
     train = DataLoader(blobs(512, seed=1), batch_size=32, shuffle=True)

@@ -58,3 +58,17 @@ def test_compare_reports_every_contender_or_says_why_it_is_skipped() -> None:
     for peer, contenders in (("ignite", ("ignite+3", "ignite")), ("lightning", ("lightning+3",))):
         skipped = any(line.startswith(f"{peer}: not installed") for line in lines)
         assert skipped or all(name in rows for name in contenders), result.stdout
+
+
+def test_gpu_check_trains_under_torchrun_with_a_process_group() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    last = result.stdout.splitlines()[-1]
+    # Without CUDA: gloo on the CPU (the device machine prints nccl and cuda:0).
+    assert last.startswith("torchrun: exit status 0 in "), result.stdout
+    assert "rank 0 of 1: " in last and "(process group: gloo, device: cpu)" in last

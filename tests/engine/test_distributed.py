@@ -341,8 +341,10 @@ def test_the_placement_comes_from_torchruns_environment() -> None:
     found = distributed.detect_placement(
         {**torchrun_environment(1, 4), "TORCHELASTIC_RESTART_COUNT": "2"}
     )
-    assert found == distributed.Placement(1, 4, 1, 2)
+    assert found == distributed.Placement(1, 4, 1, 2, launched=True)
     assert found.distributed and not found.is_main
+    alone = distributed.detect_placement(torchrun_environment(0, 1))
+    assert alone.distributed and alone.is_main  # torchrun with one process: a group of one
 
 
 @pytest.mark.parametrize(

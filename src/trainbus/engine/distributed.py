@@ -67,11 +67,12 @@ class Placement:
     world_size: int = 1
     local_rank: int = 0
     restart_count: int = 0
+    launched: bool = False  # by torchrun (or in a process group): a group even of one
 
     @property
     def distributed(self) -> bool:
-        """Whether more than one process trains together."""
-        return self.world_size > 1
+        """Whether training goes through a process group (torchrun, even with one process)."""
+        return self.world_size > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -90,7 +91,7 @@ def detect_placement(environ: Mapping[str, str] | None = None) -> Placement:
     if dist.is_available() and dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = _environment_int(environ, "LOCAL_RANK", default=rank)
-        return Placement(rank, world_size, local_rank, restarts)
+        return Placement(rank, world_size, local_rank, restarts, launched=True)
     present = [name for name in ENVIRONMENT if name in environ]
     if not present:
         return Placement(restart_count=restarts)
@@ -109,7 +110,7 @@ def detect_placement(environ: Mapping[str, str] | None = None) -> Placement:
             f"RANK={rank} and WORLD_SIZE={world_size} in the environment are inconsistent; "
             "expected 0 <= RANK < WORLD_SIZE: launch with torchrun"
         )
-    return Placement(rank, world_size, local_rank, restarts)
+    return Placement(rank, world_size, local_rank, restarts, launched=True)
 
 
 def _environment_int(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
