@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         help="print the dispatch plan: per event, who runs in which order",
         description="Print the dispatch plan of a Trainer: per event, the subscribers in "
         "order with their priority, filter, ordering constraints, source (builtin, user or "
-        "plugin:<distribution>) and ranks. Without FILE, the demo's Trainer; with FILE, the "
+        "plugin:<distribution>), the ranks it runs on and whether it may return a command, "
+        "for this process's rank. Without FILE, the demo's Trainer; with FILE, the "
         "last Trainer the Python file builds (the file runs as a script until it calls "
         "train/validate/test/predict, which are not carried out).",
     )
