@@ -551,3 +551,36 @@ def test_sigterm_to_torchrun_saves_on_every_rank_and_the_resume_is_exact(
     final = torch.load(out / "rank0.pt")
     assert_equal_weights(final, torch.load(out / "rank1.pt"))
     assert_equal_weights(final, straight.weights(0))
+
+
+@pytest.mark.slow
+@pytest.mark.fault(
+    "A worker of a 2-process torchrun crashes before the first training state",
+    outcome="torchrun restarts both; training starts again in the same MAPS, with a warning",
+)
+def test_a_restart_before_the_first_training_state_trains_again_from_scratch(
+    runs: dict[str, Run], scratch: Path
+) -> None:
+    straight = two_ranks(runs, scratch)
+    crashed = shared(
+        runs,
+        "crashed-early",
+        scratch,
+        *COMMON,
+        "--batch-size",
+        "8",
+        "--crash-rank",
+        "0",
+        "--crash-at-iteration",
+        "2",
+        max_restarts=1,
+    )
+    assert crashed.summary(0)["restart_count"] == 1
+    assert "before it wrote a training state: training starts again from scratch" in (
+        crashed.output
+    )
+    assert_equal_weights(crashed.weights(0), straight.weights(0))
+    recorded = json.loads((crashed.maps / "maps.json").read_text())
+    assert [call["call"] for call in recorded["calls"]] == ["train", "test"]
+    assert len({call["run_id"] for call in recorded["calls"]}) == 1
+    assert recorded["calls"][0]["run_id"]

@@ -989,6 +989,17 @@ class Trainer:
         self._emit("checkpoint", checkpoint=path, tag=name, kind="training")
 
     # ------------------------------------------------------------------ resume
+    def _restarted_before_first_state(self) -> bool:
+        """Whether a torchrun restart meets this MAPS as its own failed attempt left it."""
+        run = os.environ.get("TORCHELASTIC_RUN_ID")
+        if not self.placement.restart_count or not run:
+            return False
+        try:
+            calls = self.maps.read_json(MAPS_FILE).get("calls", [])
+        except (OSError, ValueError, AttributeError):
+            return False
+        return bool(calls) and isinstance(calls[-1], dict) and calls[-1].get("run_id") == run
+
     def _resume_point(self) -> checkpoint.FoundState | None:
         """The training state to resume from; None to start afresh (no MAPS yet)."""
         if self.maps.created:
@@ -1001,6 +1012,16 @@ class Trainer:
             return None
         self.maps.check_unlocked()
         found = checkpoint.find_training_state(self.maps)
+        if found is None and self._restarted_before_first_state():
+            warnings.warn(
+                f"torchrun restarted this run (attempt {self.placement.restart_count + 1}) "
+                "before it wrote a training state: training starts again from scratch, "
+                f"replacing what the failed attempt wrote in {str(self.maps.path)!r}",
+                TrainbusWarning,
+                stacklevel=3,
+            )
+            self.maps.overwrite = True
+            return None
         if found is None:
             raise CheckpointError(
                 f"MAPS {str(self.maps.path)!r} holds no training state to resume from (was "
@@ -1229,6 +1250,8 @@ class Trainer:
         )
         if self.placement.distributed:
             self._calls[-1]["world_size"] = self.placement.world_size
+            # Names the torchrun job: its restarts know the MAPS as their own.
+            self._calls[-1]["run_id"] = os.environ.get("TORCHELASTIC_RUN_ID")
         if stale is not None:
             self._calls[-1]["recovered_lock"] = stale
         if recovered:
