@@ -12,27 +12,26 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
-def test_benchmark_runs_in_quick_mode(script: str) -> None:
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick"],
+def run_quick(script: str, *arguments: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark script in ``--quick`` mode, as a user would."""
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", *arguments],
         capture_output=True,
         text=True,
         timeout=300,
-        check=False,
+        check=check,
     )
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
+def test_benchmark_runs_in_quick_mode(script: str) -> None:
+    result = run_quick(script, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip(), "a benchmark prints its figures"
 
 
 def test_dispatch_benchmark_reports_every_subscriber_count() -> None:
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "dispatch.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
+    result = run_quick("dispatch.py")
     lines = result.stdout.splitlines()
     rows = [line.split() for line in lines[2:6]]
     assert [row[0] for row in rows] == ["0", "1", "10", "100"]
@@ -42,13 +41,7 @@ def test_dispatch_benchmark_reports_every_subscriber_count() -> None:
 
 
 def test_compare_reports_every_contender_or_says_why_it_is_skipped() -> None:
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "compare.py"), "--quick", "--subscribers", "3"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
+    result = run_quick("compare.py", "--subscribers", "3")
     lines = result.stdout.splitlines()
     rows = {line.split()[0]: line.split() for line in lines if line[:1].isalpha()}
     for name in ("raw", "raw+3", "trainbus+3", "trainbus-defaults"):
@@ -61,13 +54,7 @@ def test_compare_reports_every_contender_or_says_why_it_is_skipped() -> None:
 
 
 def test_gpu_check_trains_under_torchrun_with_a_process_group() -> None:
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
+    result = run_quick("gpu_check.py")
     last = result.stdout.splitlines()[-1]
     # Without CUDA: gloo on the CPU (the device machine prints nccl and cuda:0).
     assert last.startswith("torchrun: exit status 0 in "), result.stdout
