@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -18,6 +19,14 @@ PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
 DEVICE_NAMES = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
+def finite_number(value: float) -> bool:
+    """Whether ``value`` is finite; an int too large for a float counts as not finite."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

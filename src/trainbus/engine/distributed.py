@@ -238,10 +238,6 @@ class ProcessGroup:
             "world_size": self.world_size,
         }
 
-    def close(self) -> None:
-        """The call is over; the group stays for the process's next call."""
-        self._control = None
-
     # --------------------------------------------------------------- collectives
     def agree(self, local: Sequence[Request], signal: int) -> tuple[list[Request], int]:
         """Exchange what handlers asked for since the last agreement, and any signal received.
@@ -249,9 +245,9 @@ class ProcessGroup:
         Costs one all-reduce of two integers when nothing was asked anywhere (the common case);
         otherwise the requests themselves are gathered. Every rank gets the same list: rank 0's
         requests first, then rank 1's, ...; a request made identically on several ranks (a
-        callback running on every rank) is kept once, and one made on a single other rank has
-        its source suffixed with ``@rank<N>``. ``signal`` is the first signal number any rank
-        received (0: none).
+        callback running on every rank) is kept once, where it was first made, and the source
+        of one first made on rank N > 0 is suffixed with ``@rank<N>``. ``signal`` is the first
+        signal number any rank received (0: none).
         """
         counts = torch.tensor([len(local), signal], dtype=torch.int64)
         dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self._control)

@@ -39,8 +39,3 @@ class StopSignals:
     def _record(self, number: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = number
-
-    @property
-    def name(self) -> str:
-        """The received signal's name, e.g. ``"SIGTERM"``."""
-        return signal.Signals(self.received).name if self.received is not None else ""

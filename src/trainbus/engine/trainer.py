@@ -30,6 +30,7 @@ from trainbus.engine.compute import (
     DeterministicMode,
     Precision,
     batch_size,
+    finite_number,
     move_to,
     resolve_device,
     resolve_precision,
@@ -164,7 +165,7 @@ class Trainer:
             isinstance(gradient_clip_val, bool)
             or not isinstance(gradient_clip_val, int | float)
             or not gradient_clip_val > 0
-            or not _finite_number(gradient_clip_val)
+            or not finite_number(gradient_clip_val)
         ):
             raise ConfigurationError(
                 f"gradient_clip_val={gradient_clip_val!r} is not a positive finite number; "
@@ -632,7 +633,8 @@ class Trainer:
                 if finite:
                     self._track_loss(loss)
             self._position["batches_done"] = batch_idx + 1
-            if iteration % log_every == 0 or is_last:
+            log_step = iteration % log_every == 0 or is_last
+            if log_step:
                 self._log_loss()
             # Distributed: emitted on every rank, so that each knows when to agree, even
             # where the subscribers that may ask for something run on rank 0 only.
@@ -641,7 +643,7 @@ class Trainer:
                     "batch_end", batch=batch, loss=_detached(loss), losses=_detached_all(losses)
                 )
             if self._group is not None:
-                self._agree(only_if_due=not (iteration % log_every == 0 or is_last))
+                self._agree(only_if_due=not log_step)
             self._save_pending()
             self._stop_on_signal("batch_end")
             if not stop_before_epoch and self._stop_requested():
@@ -1172,7 +1174,7 @@ class Trainer:
     # ------------------------------------------------------------- lifecycle
     @contextlib.contextmanager
     def _distributed(self) -> Iterator[None]:
-        """Under torchrun: the process group of one call (opened, then closed if ours)."""
+        """Under torchrun: the process group of one call (the group itself outlives the call)."""
         if not self.placement.distributed:
             yield
             return
@@ -1187,7 +1189,6 @@ class Trainer:
             self._forward = None
             self._unshared = []
             self._agreement_due = False
-            group.close()
 
     def _on_main(self, action: Callable[[], T]) -> T:
         """Run a MAPS write on rank 0 only; every rank gets its result (or its error)."""
@@ -1613,13 +1614,6 @@ def _positive_int(name: str, value: object) -> int:
     if type(value) is not int or value < 1:
         raise ConfigurationError(f"{name}={value!r} is not a positive integer; pass e.g. {name}=1")
     return value
-
-
-def _finite_number(value: float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        return False
 
 
 def _check_loader(name: str, loader: object) -> None:

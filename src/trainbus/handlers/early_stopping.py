@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trainbus.engine import checkpoint as checkpoints
+from trainbus.engine.compute import finite_number
 from trainbus.engine.maps import CHECKPOINTS_DIR, Maps
 from trainbus.engine.model import Model
 from trainbus.engine.state import TrainerState
@@ -400,11 +401,7 @@ def _check_number(name: str, value: object, *, none_allowed: bool = False) -> No
         raise ConfigurationTypeError(
             f"{_OWNER}: {name}={value!r} is not a number{alternative}; pass a finite float"
         )
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        finite = False
-    if not finite:
+    if not finite_number(value):
         raise ConfigurationError(
             f"{_OWNER}: {name}={value!r} is not a finite number; pass a finite float{alternative}"
         )

@@ -23,6 +23,7 @@ import structlog
 from tqdm import tqdm
 
 from trainbus.engine.checkpoint import training_state_name
+from trainbus.engine.compute import finite_number
 from trainbus.engine.maps import LOGS_DIR, Maps
 from trainbus.engine.state import TrainerState
 from trainbus.errors import ConfigurationError, ConfigurationTypeError
@@ -94,11 +95,7 @@ class LoggerCallback(Callback):
                 f"LoggerCallback: console_interval={console_interval!r} is not a number; pass "
                 "the seconds between two console lines of the training loss, e.g. 10.0"
             )
-        try:
-            finite = math.isfinite(console_interval)
-        except OverflowError:  # an int too large for a float
-            finite = False
-        if not finite or console_interval <= 0:
+        if not finite_number(console_interval) or console_interval <= 0:
             raise ConfigurationError(
                 f"LoggerCallback: console_interval={console_interval!r} is not a positive "
                 "finite number of seconds; pass e.g. console_interval=10.0"
