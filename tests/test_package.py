@@ -63,14 +63,22 @@ SOURCE = Path(trainbus.__file__).parent
 LAYERS = {
     # module (or package) -> imports it must never make
     "errors.py": {"torch", "blinker", "trainbus"},
-    "events": {"torch", "trainbus.engine", "trainbus.handlers", "trainbus.demo"},
-    "engine/state.py": {"trainbus.handlers", "trainbus.engine.trainer"},
-    "engine/model.py": {"trainbus.handlers", "trainbus.engine.trainer"},
-    "engine/metrics.py": {"trainbus.handlers", "trainbus.engine.trainer"},
-    "engine/maps.py": {"torch", "trainbus.handlers", "trainbus.engine.trainer"},
-    "engine/checkpoint.py": {"trainbus.handlers", "trainbus.engine.trainer"},
-    "engine/compute.py": {"trainbus.handlers", "trainbus.engine.trainer"},
-    "handlers": {"trainbus.engine.trainer", "trainbus.demo"},
+    "events": {
+        "torch",
+        "trainbus.engine",
+        "trainbus.handlers",
+        "trainbus.demo",
+        "trainbus.trainer",
+    },
+    "engine": {
+        "trainbus.handlers",
+        "trainbus.trainer",
+        "trainbus.registration",
+        "trainbus.cli",
+        "trainbus.demo",
+    },
+    "engine/maps.py": {"torch"},
+    "handlers": {"trainbus.trainer", "trainbus.registration", "trainbus.cli", "trainbus.demo"},
 }
 
 

@@ -14,7 +14,6 @@ from trainbus.engine.maps import Maps
 from trainbus.engine.metrics import LossMetricConfig, TorchMetricConfig
 from trainbus.engine.model import Model, SupervisedModel
 from trainbus.engine.state import TrainerState
-from trainbus.engine.trainer import Trainer
 from trainbus.errors import TrainbusError
 from trainbus.events import (
     EVENTS,
@@ -36,6 +35,7 @@ from trainbus.handlers import (
     MonitorCallback,
     TrainingCheckpointCallback,
 )
+from trainbus.trainer import Trainer
 
 try:
     __version__ = _version("trainbus")

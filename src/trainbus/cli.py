@@ -131,7 +131,7 @@ class _TrainerBuilt(BaseException):
 
 def _trainer_of_file(path: Path, argv: Sequence[str] = ()) -> Any:
     """Run ``path`` as a script until it starts a call; return the last Trainer it built."""
-    from trainbus.engine.trainer import Trainer
+    from trainbus.trainer import Trainer
 
     if not path.is_file():
         raise ConfigurationError(f"{str(path)!r} is not a file; pass a Python file")

@@ -33,6 +33,10 @@ class CommandError(TrainbusError):
     """A handler returned something the loop cannot carry out at that event."""
 
 
+class CallInProgressError(TrainbusError, RuntimeError):
+    """A Trainer call was made while another call of the same Trainer is running."""
+
+
 class ModelContractError(TrainbusError, TypeError):
     """A :class:`~trainbus.Model` method returned something outside its contract."""
 

@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--kill-in-validation", type=int)
     parser.add_argument("--every-n-steps", type=int)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--persistent", action="store_true", help="persistent worker processes")
     parser.add_argument("--own-generator", action="store_true")
     parser.add_argument("--kill-in-write", type=int, help="SIGKILL at the N-th file fsync")
     parser.add_argument("--signal-at-iteration", type=int)
@@ -97,6 +98,7 @@ def main() -> None:
         batch_size=8,
         shuffle=True,
         num_workers=options.workers,
+        persistent_workers=options.persistent,
         generator=generator,
     )
     val_loader = DataLoader(dataset(40, seed=2), batch_size=10)
@@ -127,11 +129,6 @@ def main() -> None:
     def signal_in_training(*, state: TrainerState) -> None:
         if state.iteration == options.signal_at_iteration:
             os.kill(os.getpid(), signal.Signals[options.signal])
-
-    @trainer.on("checkpoint")
-    def signal_again_while_saving(*, state: TrainerState, kind: str) -> None:
-        if kind == "training" and state.iteration == options.signal_at_iteration:
-            os.kill(os.getpid(), signal.Signals[options.signal])  # recorded, changes nothing
 
     @trainer.on("evaluation_step_end")
     def kill_in_validation(*, state: TrainerState) -> None:

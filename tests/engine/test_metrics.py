@@ -162,6 +162,86 @@ def test_a_torchmetric_that_does_not_reduce_to_one_number_is_refused(
         trainer.validate(make_loader(16))
 
 
+class ConvertedOutputsModel(SupervisedModel):
+    """Returns one evaluation output converted, as a model outside the contract would."""
+
+    def __init__(self, key: str, convert: Callable[[torch.Tensor], Any]) -> None:
+        base = make_model()
+        super().__init__(base.network, nn.CrossEntropyLoss())
+        self.key = key
+        self.convert = convert
+
+    def evaluation_step(self, batch: Any) -> Mapping[str, Any]:
+        outputs = dict(super().evaluation_step(batch))
+        outputs[self.key] = self.convert(outputs[self.key])
+        return outputs
+
+
+NON_TENSORS: list[Any] = [
+    pytest.param(lambda t: t.tolist(), r"a list \(\[", id="list"),
+    pytest.param(lambda t: t.numpy(), r"a numpy\.ndarray of shape \(8,( 2)?\)", id="numpy"),
+    pytest.param(lambda t: None, r"None", id="none"),
+]
+
+
+@pytest.mark.parametrize("key", ["preds", "target"])
+@pytest.mark.parametrize(("convert", "shown"), NON_TENSORS)
+def test_a_torchmetric_fed_a_non_tensor_names_the_metric_and_the_key(
+    quiet_trainer: Callable[..., Trainer], key: str, convert: Callable[..., Any], shown: str
+) -> None:
+    trainer = quiet_trainer(
+        device="cpu",
+        model=ConvertedOutputsModel(key, convert),
+        metrics={"val_accuracy": accuracy_metric()},
+    )
+    with pytest.raises(
+        ModelContractError,
+        match=rf"metric 'val_accuracy' reads evaluation_step's {key!r}, which is {shown}.*: "
+        rf"return {key!r} as a torch\.Tensor",
+    ):
+        trainer.validate(make_loader(16))
+
+
+@pytest.mark.parametrize(
+    ("convert", "shown"),
+    [
+        pytest.param(lambda t: [t.item()], r"a list \(\[", id="list"),
+        pytest.param(lambda t: t.item(), r"a float \(", id="float"),
+        pytest.param(lambda t: t.numpy(), r"a numpy\.ndarray of shape \(\)", id="numpy"),
+        pytest.param(lambda t: None, r"None", id="none"),
+    ],
+)
+def test_a_loss_metric_fed_a_non_tensor_names_the_metric_and_the_key(
+    quiet_trainer: Callable[..., Trainer], convert: Callable[..., Any], shown: str
+) -> None:
+    trainer = quiet_trainer(
+        device="cpu",
+        model=ConvertedOutputsModel("loss", lambda t: convert(t.detach())),
+        metrics={"val_loss": LossMetricConfig()},
+    )
+    with pytest.raises(
+        ModelContractError,
+        match=rf"metric 'val_loss' reads evaluation_step's 'loss', which is {shown}.*; "
+        r"return the batch's mean loss as a scalar tensor",
+    ):
+        trainer.validate(make_loader(16))
+
+
+def test_a_torchmetric_refusing_its_tensors_names_the_metric_and_the_keys() -> None:
+    bound = bind_metrics({"val_accuracy": accuracy_metric()})["val_accuracy"]
+    outputs = {"preds": torch.zeros(8, 2), "target": torch.zeros(5, dtype=torch.long)}
+
+    with pytest.raises(Exception) as info:  # noqa: PT011  # whatever torchmetrics raises
+        bound.update(outputs, 8)
+
+    notes = getattr(info.value, "__notes__", [])
+    assert notes == [
+        "trainbus: raised by metric 'val_accuracy' fed evaluation_step's 'preds' (a tensor of "
+        "shape (8, 2)) and 'target' (a tensor of shape (5,)); return what this metric takes "
+        "under these keys"
+    ]
+
+
 @pytest.mark.parametrize(
     ("value", "best", "higher_is_better", "expected"),
     [

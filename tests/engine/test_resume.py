@@ -79,25 +79,33 @@ def assert_same_nested(expected: Any, actual: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[bool], dict[str, Any]]:
-    """The uninterrupted run, with the global generator or with the loader's own one."""
-    runs: dict[bool, dict[str, Any]] = {}
+def uninterrupted(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[..., dict[str, Any]]:
+    """The uninterrupted run: with the global generator or the loader's own one, and with
+    persistent worker processes (whose iterator draws differently after the first epoch)."""
+    runs: dict[tuple[bool, bool], dict[str, Any]] = {}
 
-    def get(own_generator: bool) -> dict[str, Any]:
-        if own_generator not in runs:
+    def get(own_generator: bool, persistent: bool = False) -> dict[str, Any]:
+        key = (own_generator, persistent)
+        if key not in runs:
             root = tmp_path_factory.mktemp("straight")
             extra = ("--own-generator",) if own_generator else ()
+            if persistent:
+                extra += PERSISTENT
             run_job(root / "maps", root / "out.pt", "--epochs", str(EPOCHS), *extra)
             result = outcome(root / "maps", root / "out.pt")
-            assert result["stop"] is not None, "the reference run must stop early"
-            assert result["result"]["state"]["current_epoch"] < EPOCHS - 1
-            runs[own_generator] = result
-        return runs[own_generator]
+            if not persistent:  # its shuffling differs: it trains on to the last epoch
+                assert result["stop"] is not None, "the reference run must stop early"
+                assert result["result"]["state"]["current_epoch"] < EPOCHS - 1
+            runs[key] = result
+        return runs[key]
 
     return get
 
 
 STEPS_4 = ("--every-n-steps", "4")
+PERSISTENT = ("--workers", "2", "--persistent")
 INTERRUPTIONS: dict[str, tuple[tuple[str, ...], bool, tuple[str, ...]]] = {
     # case: (arguments of the interrupted run, killed?, extra arguments of the resumed run)
     "after-2-complete-epochs": (("--epochs", "2"), False, ()),
@@ -123,20 +131,30 @@ INTERRUPTIONS: dict[str, tuple[tuple[str, ...], bool, tuple[str, ...]]] = {
         True,
         ("--every-n-steps", "5", "--workers", "2"),
     ),
+    "persistent-workers-sigkill-after-an-epoch-end-state": (
+        ("--kill-at-iteration", "12", *PERSISTENT),
+        True,
+        PERSISTENT,
+    ),
+    "persistent-workers-sigkill-mid-epoch": (
+        ("--kill-at-iteration", "13", *STEPS_4, *PERSISTENT),
+        True,
+        (*STEPS_4, *PERSISTENT),
+    ),
 }
 
 
 @pytest.mark.fault(
     (
         "SIGKILL at chosen points: mid-epoch, in validation, right after a state at an "
-        "epoch's last batch, with worker processes, with the loader's own generator; or a "
-        "shorter run extended"
+        "epoch's last batch, with worker processes (persistent or not), with the loader's own "
+        "generator; or a shorter run extended"
     ),
     outcome="bit-identical weights, optimizer, counters, metric and loss rows, stop decision",
 )
 @pytest.mark.parametrize("case", sorted(INTERRUPTIONS))
 def test_resume_in_a_new_process_is_bit_identical(
-    case: str, uninterrupted: Callable[[bool], dict[str, Any]], tmp_path: Path
+    case: str, uninterrupted: Callable[..., dict[str, Any]], tmp_path: Path
 ) -> None:
     interrupted, killed, resumed_with = INTERRUPTIONS[case]
     maps, out = tmp_path / "maps", tmp_path / "out.pt"
@@ -145,7 +163,8 @@ def test_resume_in_a_new_process_is_bit_identical(
         out.unlink()
     run_job(maps, out, "--resume", "--epochs", str(EPOCHS), *resumed_with)
     resumed = outcome(maps, out)
-    assert_same_training(uninterrupted("--own-generator" in interrupted), resumed)
+    reference = uninterrupted("--own-generator" in interrupted, "--persistent" in interrupted)
+    assert_same_training(reference, resumed)
     resume_record = resumed["calls"][-1]["resumed_from"]
     assert resume_record["skipped"] == []
     assert resume_record["state"].startswith("state-")
@@ -156,7 +175,7 @@ def test_resume_in_a_new_process_is_bit_identical(
     outcome="no duplicate or missing row in training_loss.tsv",
 )
 def test_a_killed_run_leaves_rows_that_the_resume_rewrites_once(
-    uninterrupted: Callable[[bool], dict[str, Any]], tmp_path: Path
+    uninterrupted: Callable[..., dict[str, Any]], tmp_path: Path
 ) -> None:
     maps, out = tmp_path / "maps", tmp_path / "out.pt"
     # Killed at iteration 22: rows for iterations 20 (loss) were written after the state at 16.
@@ -171,14 +190,14 @@ def test_a_killed_run_leaves_rows_that_the_resume_rewrites_once(
 
 
 @pytest.mark.fault(
-    "SIGTERM or SIGINT during training, and again during the save",
+    "SIGTERM or SIGINT during training",
     outcome=(
         "a training state at the next step boundary, exit status 128+signum, bit-identical resume"
     ),
 )
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
 def test_a_signal_saves_at_the_next_step_exits_128_plus_signum_and_resumes_exactly(
-    name: str, uninterrupted: Callable[[bool], dict[str, Any]], tmp_path: Path
+    name: str, uninterrupted: Callable[..., dict[str, Any]], tmp_path: Path
 ) -> None:
     maps, out = tmp_path / "maps", tmp_path / "out.pt"
     number = signal.Signals[name]

@@ -71,3 +71,70 @@ def test_a_signal_stops_at_the_step_boundary_with_a_state_and_exits_128_plus_sig
     assert trainer.state.stop_reason == f"received {name}"
     assert (maps_path / "training" / "state-0000000004").is_dir()
     assert {n: signal.getsignal(n) for n in own_handlers} == own_handlers
+
+
+BLOCKED_JOB = """
+import sys, time
+sys.path.insert(0, {root!r})
+from tests.conftest import make_loader, make_model
+from trainbus import Trainer, TrainingCheckpointCallback
+trainer = Trainer({maps!r}, make_model(), callbacks=[TrainingCheckpointCallback()],
+                  default_callbacks=False, max_epochs=3)
+
+@trainer.on("batch_end")
+def block(*, state):
+    if state.iteration == 3:
+        print("blocked", flush=True)
+        time.sleep(120)  # a handler (or a loader) that never returns
+
+trainer.train(make_loader())
+"""
+
+
+@pytest.mark.fault(
+    "A second SIGINT or SIGTERM while a handler blocks",
+    outcome="the process ends at once with 128+signum and a line saying nothing was saved",
+)
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_second_signal_aborts_a_blocked_run_saying_nothing_was_saved(
+    tmp_path: Path, name: str
+) -> None:
+    import subprocess
+    import sys
+    import time
+
+    number = signal.Signals[name]
+    maps = tmp_path / "maps"
+    root = str(Path(__file__).parents[2])
+    job = subprocess.Popen(
+        [sys.executable, "-c", BLOCKED_JOB.format(root=root, maps=str(maps))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert job.stdout is not None and job.stderr is not None
+        assert job.stdout.readline().strip() == "blocked"
+        job.send_signal(number)
+        first = job.stderr.readline()
+        assert f"received {name}: stopping at the next step boundary" in first
+        assert "again to abort without saving" in first
+        time.sleep(0.8)  # past the window in which a repeat counts as the same signal
+        job.send_signal(number)
+        assert job.wait(timeout=30) == 128 + number
+        second = job.stderr.read()
+        assert f"received {name} again: aborting now; the training state was NOT saved" in second
+    finally:
+        job.kill()
+        job.wait()
+    assert not list((maps / "training").glob("state-*0003*"))
+
+
+def test_a_repeat_within_the_window_counts_as_the_same_signal() -> None:
+    from trainbus.engine.signals import REPEAT_WINDOW, StopSignals
+
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # a launcher forwarding what the group got
+        assert signals.received == signal.SIGTERM
+    assert REPEAT_WINDOW <= 1.0

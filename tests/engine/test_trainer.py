@@ -557,8 +557,12 @@ def test_emit_delivers_a_declared_custom_event(quiet_trainer: Callable[..., Trai
     def record(*, value: int, state: TrainerState) -> None:
         received.append((value, state.stage))
 
-    trainer.emit("sample_logged", value=7)
-    assert received == [(7, "idle")]
+    @trainer.on("epoch_end", once=True)
+    def announce() -> None:
+        trainer.emit("sample_logged", value=7)
+
+    trainer.train(make_loader())
+    assert received == [(7, "train")]
 
 
 def test_emit_with_a_wrong_payload_names_both_payloads(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 
-from trainbus.errors import ConfigurationError, ConfigurationTypeError
+from trainbus.errors import ConfigurationError, ConfigurationTypeError, SubscriptionError
 from trainbus.events import EventBus, Options, on
 from trainbus.events.marker import Mark, add_mark, check_priority, marks_of
 
@@ -180,3 +181,53 @@ def test_check_priority_accepts_none_only_when_allowed() -> None:
     check_priority(None, allow_none=True)
     with pytest.raises(ConfigurationTypeError):
         check_priority(None)
+
+
+async def async_handler(*, state: object) -> None:
+    pass
+
+
+async def async_generator_handler(*, state: object) -> AsyncIterator[None]:
+    yield None
+
+
+def generator_handler(*, state: object) -> Iterator[None]:
+    yield None
+
+
+@pytest.mark.parametrize(
+    ("handler", "kind"),
+    [
+        pytest.param(async_handler, "an async function", id="async-def"),
+        pytest.param(async_generator_handler, "an async generator function", id="async-gen"),
+        pytest.param(generator_handler, "a generator function", id="generator"),
+        pytest.param(staticmethod(async_handler), "an async function", id="staticmethod"),
+    ],
+)
+def test_on_refuses_a_handler_that_would_never_run_when_decorating(
+    handler: Callable[..., Any], kind: str
+) -> None:
+    with pytest.raises(SubscriptionError) as info:
+        on("epoch_end")(handler)
+
+    message = str(info.value)
+    assert f"marked with @on('epoch_end') is {kind}" in message
+    assert "a handler must be a plain function returning None or a command" in message
+    assert "would never run" in message
+    assert marks_of(handler) == ()
+
+
+async def is_late_async(state: object) -> bool:
+    return True
+
+
+def is_late_generator(state: object) -> Iterator[bool]:
+    yield True
+
+
+@pytest.mark.parametrize("predicate", [is_late_async, is_late_generator])
+def test_when_predicate_that_returns_a_coroutine_or_generator_is_refused(
+    predicate: Callable[..., Any],
+) -> None:
+    with pytest.raises(ConfigurationTypeError, match=r"is always true.*plain function"):
+        Options(when=predicate)

@@ -822,6 +822,60 @@ def test_a_state_of_another_metric_or_mode_is_not_used(saved: dict[str, Any], me
     assert (callback.best, callback.wait) == (None, 0)
 
 
+# -------------------------------------------------------------------------- reset
+def test_reset_forgets_the_best_value_the_patience_count_and_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    options: dict[str, Any] = {"mode": "min", "min_delta": 0.1, "restore_best_weights": True}
+    callback = EarlyStoppingCallback("score", 3, **options)
+    feed(callback, [3, 1, 2])
+    callback.on_checkpoint(
+        state=TrainerState(iteration=2 * BATCHES),
+        checkpoint=tmp_path / TAG,
+        tag=TAG,
+        kind="weights",
+    )
+    callback.on_train_end(state=TrainerState(iteration=3 * BATCHES))  # a restore is pending
+    fresh = EarlyStoppingCallback("score", 3, **options)
+    assert callback.state_dict() != fresh.state_dict()
+
+    callback.reset()
+
+    assert callback.state_dict() == fresh.state_dict()
+    assert vars(callback) == vars(fresh)
+    assert callback.config() == fresh.config()
+
+
+def test_a_callback_reset_for_a_second_trainer_decides_like_a_fresh_one(
+    quiet_trainer: Callable[..., Trainer], tmp_path: Path
+) -> None:
+    reused = EarlyStoppingCallback("score", 2, mode="min", restore_best_weights=True)
+    _, first, _, _ = run_with_scores(quiet_trainer, [0.5, 0.6, 0.7], reused)
+    assert first.stop_reason == patience_reason(2, 0.5, 0, "mode=min, min_delta=0.0")
+    values = [3, 2, 1, 1.5, 1.5, 0.1]
+
+    reused.reset()
+    trainer, state, seen, weights = run_with_scores(
+        functools.partial(quiet_trainer, maps=tmp_path / "second"), values, reused
+    )
+    fresh = EarlyStoppingCallback("score", 2, mode="min", restore_best_weights=True)
+    _, expected, _, _ = run_with_scores(
+        functools.partial(quiet_trainer, maps=tmp_path / "fresh"), values, fresh
+    )
+
+    assert seen == [3.0, 2.0, 1.0, 1.5, 1.5]
+    assert state.stop_reason == expected.stop_reason
+    assert state.stop_reason == patience_reason(2, 1.0, 2, "mode=min, min_delta=0.0")
+    saved = trainer.maps.path / "checkpoints" / TAG
+    assert reused.best_checkpoint == saved
+    assert checkpoint.read_manifest(saved)["metadata"]["epoch"] == 2
+    assert same_weights(trainer.model.state_dict(), weights[2])
+    ignored = {"best_checkpoint"}  # each in its own MAPS
+    assert {k: v for k, v in reused.state_dict().items() if k not in ignored} == {
+        k: v for k, v in fresh.state_dict().items() if k not in ignored
+    }
+
+
 # -------------------------------------------------------------------------- resume
 class SimulatedCrashError(Exception):
     """Raised inside training to stand for a crash right after a training state was written."""

@@ -25,6 +25,7 @@ from trainbus import (
     TrainerState,
     TrainingCheckpointCallback,
 )
+from trainbus.engine.state import FrozenDict
 from trainbus.errors import ConfigurationError, ConfigurationTypeError
 
 from ..conftest import make_loader, make_model
@@ -752,6 +753,48 @@ def test_the_logger_state_survives_a_weights_only_round_trip(tmp_path: Path) -> 
     )
     restored.load_state_dict({})
     assert restored.state_dict() == {"loss_sum": 0.0, "loss_batches": 0, "logged_position": 0}
+
+
+def test_reset_forgets_the_epoch_summary_and_closes_the_log_and_the_bar(tmp_path: Path) -> None:
+    stream = FakeTerminal()
+    logger = LoggerCallback(stream=stream, progress_bar=True, console_interval=2.0)
+    maps = Maps(tmp_path / "maps")
+    maps.create()
+    logger.on_train_start(state=TrainerState(stage="train", max_epochs=2), maps=maps)
+    logger.on_epoch_start(state=TrainerState(stage="train", num_batches=6))
+    logger.on_loss_logged(
+        state=TrainerState(stage="train", batch_idx=2, num_batches=6), train_loss=0.5
+    )
+    logger.on_metrics_computed(
+        state=TrainerState(stage="validation", best_epochs=FrozenDict(loss=0)),
+        metrics={"loss": 0.4},
+    )
+    log, bar = logger._file, logger._bar
+    assert log is not None and bar is not None
+    fresh = LoggerCallback(stream=stream, progress_bar=True, console_interval=2.0)
+    assert logger.state_dict() != fresh.state_dict()
+
+    logger.reset()
+
+    assert log.closed
+    assert bar.disable  # tqdm marks a closed bar disabled
+    assert logger.state_dict() == fresh.state_dict()
+    assert logger.config() == fresh.config()
+    assert vars(logger) == vars(fresh)
+
+
+def test_reset_keeps_the_bar_decision_made_when_subscribed(
+    quiet_trainer: Callable[..., Trainer],
+) -> None:
+    stream = FakeTerminal()
+    logger = LoggerCallback(stream=stream)
+    quiet_trainer(callbacks=[logger])
+    stream.isatty = lambda: False  # type: ignore[method-assign]
+
+    logger.reset()
+
+    # batch_end (the bar's update) is subscribed: a bar must still be drawn.
+    assert logger._uses_bar()
 
 
 # ------------------------------------------------------------------------------ options

@@ -802,3 +802,53 @@ def test_learning_rates_reach_the_state_mapping_of_every_event(
     rates = [rate for entry in at_epoch_end for rate in entry["learning_rates"]]
     assert rates == pytest.approx([LR, LR / 10])
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(LR / 100)
+
+
+# ------------------------------------------------------------------------ reset
+
+
+def test_reset_forgets_the_built_scheduler_its_counters_and_a_loaded_state() -> None:
+    factory = functools.partial(schedulers.StepLR, step_size=1, gamma=0.5)
+    callback = LRSchedulerCallback(factory, interval="step", frequency=2)
+    fresh = LRSchedulerCallback(factory, interval="step", frequency=2)
+    optimizer = torch.optim.SGD(make_model().parameters(), lr=LR)
+    callback.on_train_start(optimizers=[optimizer])
+    for _ in range(3):
+        optimizer.step()
+        callback.on_optimizer_step_end()
+    saved = callback.state_dict()
+    assert saved["steps"] == 3
+    assert saved != fresh.state_dict()
+
+    callback.reset()
+
+    assert callback.scheduler is None
+    assert callback.state_dict() == fresh.state_dict()
+    assert callback.config() == fresh.config()
+    assert vars(callback) == vars(fresh)
+
+    callback.load_state_dict(saved)  # waits for a train_start that a new run replaces
+    callback.reset()
+    assert callback.state_dict() == fresh.state_dict()
+    assert vars(callback) == vars(fresh)
+
+
+def test_reset_keeps_a_scheduler_passed_built_and_the_given_optimizer_index() -> None:
+    model = PrebuiltOptimizersModel((0.1, 0.2))
+    built = schedulers.ExponentialLR(model.optimizers[1], gamma=0.5)
+    callback = LRSchedulerCallback(built)
+    callback.on_train_start(optimizers=model.optimizers)
+    model.optimizers[1].step()
+    callback.on_epoch_end()
+    assert callback.optimizer_index == 1
+    fresh = LRSchedulerCallback(built)
+    assert callback.state_dict() != fresh.state_dict()
+
+    callback.reset()
+
+    assert callback.scheduler is built
+    assert built.last_epoch == 1  # the given scheduler's own progress cannot be rewound
+    assert callback.optimizer_index == 0
+    assert callback.state_dict() == fresh.state_dict()
+    assert callback.config() == fresh.config()
+    assert vars(callback) == vars(fresh)

@@ -131,3 +131,35 @@ def test_a_second_trainer_with_other_metrics_cannot_mix_layouts(
         second.validate(make_loader(16))
     _, rows = read_tsv(maps_path / "metrics.tsv")
     assert len(rows) == 1
+
+
+def test_reset_forgets_the_row_counts_the_maps_and_a_restored_state(
+    quiet_trainer: Callable[..., Trainer],
+) -> None:
+    writer = MetricsWriterCallback()
+    trainer = quiet_trainer(callbacks=[writer], max_epochs=1)
+    trainer.train(make_loader(16), make_loader(16))
+    writer.load_state_dict({"rows": {"metrics.tsv": 1}})  # a restored state no resume consumed
+    fresh = MetricsWriterCallback()
+    assert writer.state_dict() != fresh.state_dict()
+
+    writer.reset()
+
+    assert writer.state_dict() == fresh.state_dict() == {"rows": {}}
+    assert vars(writer) == vars(fresh)
+
+
+def test_a_writer_reset_for_a_second_trainer_counts_the_rows_of_its_own_maps(
+    quiet_trainer: Callable[..., Trainer], tmp_path: Path
+) -> None:
+    writer = MetricsWriterCallback()
+    quiet_trainer(callbacks=[writer], max_epochs=1).train(make_loader(16), make_loader(16))
+    writer.load_state_dict(writer.state_dict())  # as a resume that failed before it resumed
+
+    writer.reset()
+    second = quiet_trainer(maps=tmp_path / "second", callbacks=[writer], max_epochs=2)
+    second.train(make_loader(16), make_loader(16))
+
+    _, rows = read_tsv(second.maps.path / "metrics.tsv")
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    assert writer.state_dict() == {"rows": {"metrics.tsv": 2, "training_loss.tsv": 2}}

@@ -21,6 +21,7 @@ from trainbus import (
     TrainingCheckpointCallback,
 )
 from trainbus.errors import ConfigurationError, ConfigurationTypeError
+from trainbus.events.bus import EventBus
 from trainbus.handlers import priorities
 
 from ..conftest import make_loader, make_model
@@ -570,6 +571,60 @@ def test_a_second_train_call_starts_a_new_record(
     trainer.train(make_loader())
     assert [entry["epoch"] for entry in report_of(trainer)["epochs"]] == [1]
     assert len(first["epochs"]) == 1
+
+
+def test_reset_forgets_the_measurements_of_the_earlier_run(
+    quiet_trainer: Callable[..., Trainer],
+) -> None:
+    monitor = MonitorCallback(time_subscribers=1, table=False)
+    trainer = quiet_trainer(device="cpu", callbacks=[monitor])
+    trainer.train(make_loader(), make_loader(16))
+    monitor.load_state_dict(monitor.state_dict())  # a restored state no train_start consumed
+    fresh = MonitorCallback(time_subscribers=1, table=False)
+    assert monitor.state_dict() != fresh.state_dict()
+
+    monitor.reset()
+
+    assert monitor.state_dict() == fresh.state_dict()
+    assert monitor.report()["gpu"] == {"available": False, "reason": "training has not started"}
+    assert monitor.report()["epochs"] == []
+    assert monitor.config() == fresh.config()
+    assert vars(monitor) == vars(fresh)
+
+
+def test_reset_releases_the_bus_and_nvml_of_a_run_that_never_tore_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeNvml().install(monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    bus = EventBus()
+    probe = bus.subscribe("epoch_end", lambda: None, id="probe")
+    monitor = MonitorCallback(time_subscribers=1, gpu=True, table=False)
+    monitor.on_train_start(model=make_model(), bus=bus)
+    bus.emit("epoch_end")
+    assert (probe.calls, probe.timed_calls) == (1, 1)
+    assert fake.count("nvmlShutdown") == 0
+
+    monitor.reset()
+
+    assert fake.count("nvmlShutdown") == 1
+    bus.emit("epoch_end")
+    assert (probe.calls, probe.timed_calls) == (2, 1)
+
+
+def test_reset_after_a_finished_run_leaves_its_bus_alone(
+    quiet_trainer: Callable[..., Trainer],
+) -> None:
+    first = MonitorCallback(time_subscribers=1, table=False)
+    trainer = quiet_trainer(device="cpu", callbacks=[first], max_epochs=1)
+    probe = trainer.bus.subscribe("evaluation_step_end", lambda: None, id="probe")
+    trainer.train(make_loader(16))
+    trainer.bus.measure_time(1)  # as another monitor's train_start would
+
+    first.reset()
+
+    trainer.validate(make_loader(16))
+    assert (probe.calls, probe.timed_calls) == (2, 2)
 
 
 def _monitored_run(maps: Path, *, interrupt_at: int | None, resume: bool) -> Trainer:

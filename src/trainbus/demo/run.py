@@ -16,9 +16,9 @@ from trainbus.demo.network import DigitsCNN
 from trainbus.engine.maps import Maps
 from trainbus.engine.metrics import LossMetricConfig
 from trainbus.engine.model import SupervisedModel
-from trainbus.engine.trainer import Trainer
 from trainbus.handlers.early_stopping import EarlyStoppingCallback
 from trainbus.handlers.model_checkpoint import ModelCheckpointCallback
+from trainbus.trainer import Trainer
 
 DEFAULT_EPOCHS = 15
 

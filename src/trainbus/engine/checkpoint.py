@@ -9,28 +9,36 @@ before it trusts a byte: a mismatch is reported as *corrupt*, naming the file.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
-import pickle
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 from torch import nn
 
+from trainbus.engine.manifest import FORMAT_VERSION as FORMAT_VERSION
+from trainbus.engine.manifest import MANIFEST as MANIFEST
+from trainbus.engine.manifest import corrupt, load_torch_file, load_weights_file
+from trainbus.engine.manifest import digest as _digest
+from trainbus.engine.manifest import metadata_owned_by as metadata_owned_by
+from trainbus.engine.manifest import owned_by as owned_by
+from trainbus.engine.manifest import read_document as read_document
+from trainbus.engine.manifest import read_manifest as read_manifest
 from trainbus.engine.maps import (
     CHECKPOINTS_DIR,
     MAPS_FILE,
     TRAINING_DIR,
     Maps,
     check_name,
+    check_real_directory,
     fsync_directory,
 )
 from trainbus.errors import (
@@ -40,8 +48,6 @@ from trainbus.errors import (
     UnsafePathError,
 )
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 
 
@@ -54,7 +60,7 @@ def save_weights(
 ) -> Path:
     """Commit ``model``'s weights under ``checkpoints/<tag>/``; an older one is replaced whole."""
     return write_checkpoint(
-        maps.file(CHECKPOINTS_DIR),
+        maps.directory(CHECKPOINTS_DIR),
         tag,
         {WEIGHTS: lambda path: save_model_file(model, path)},
         kind="weights",
@@ -93,7 +99,9 @@ def write_checkpoint(
     size) before the rename makes the checkpoint visible. On failure nothing is left behind and
     an older checkpoint of the same name is intact.
     """
-    root.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        root.mkdir()
+    check_real_directory(root)
     target = root / check_name(name)
     staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{name}-", dir=root))
     try:
@@ -132,6 +140,7 @@ def remove_checkpoint(directory: Path) -> None:
     """Delete a committed checkpoint: renamed aside first, so no half-deleted one is ever seen."""
     if not directory.exists():
         return
+    check_real_directory(directory.parent)
     retired = directory.with_name(f"{_DELETED}{directory.name}-{os.getpid()}")
     shutil.rmtree(retired, ignore_errors=True)
     os.replace(directory, retired)
@@ -155,6 +164,7 @@ def recover_interrupted(root: Path) -> list[str]:
     actions: list[str] = []
     if not root.is_dir():
         return actions
+    check_real_directory(root)  # never rename or delete through a link
     for entry in sorted(root.iterdir()):
         name = entry.name
         if name.startswith(_REPLACED):
@@ -172,53 +182,6 @@ def recover_interrupted(root: Path) -> list[str]:
     if actions:
         fsync_directory(root)
     return actions
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """Read and verify a checkpoint's manifest against the files; raise if anything differs."""
-    manifest_path = directory / MANIFEST
-    try:
-        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
-        raise CorruptCheckpointError(
-            f"checkpoint {directory} is corrupt: {MANIFEST} is missing"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise CorruptCheckpointError(
-            f"checkpoint {directory} is corrupt: {manifest_path} cannot be read ({exc})"
-        ) from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {directory} has format version {manifest.get('format_version')!r}; "
-            f"this trainbus reads version {FORMAT_VERSION}"
-        )
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise CorruptCheckpointError(
-            f"checkpoint {directory} is corrupt: its manifest lists no files"
-        )
-    for name, expected in files.items():
-        if not isinstance(name, str) or not isinstance(expected, dict):
-            raise CorruptCheckpointError(
-                f"checkpoint {directory} is corrupt: its manifest lists {name!r}: {expected!r}"
-            )
-        path = directory / check_name(name)  # a name with separators or '..' is refused
-        if path.is_symlink() or directory.is_symlink():
-            raise UnsafePathError(
-                f"checkpoint file {path} is a symbolic link (to {os.path.realpath(path)}); "
-                "trainbus never writes one, so the checkpoint was tampered with: refusing to "
-                "read through it"
-            )
-        if not path.is_file():
-            raise CorruptCheckpointError(f"checkpoint file {path} is corrupt: it is missing")
-        actual = _digest(path)
-        if actual != expected:
-            raise CorruptCheckpointError(
-                f"checkpoint file {path} is corrupt: size {actual['size']} and sha256 "
-                f"{actual['sha256'][:12]}... differ from the manifest's {expected.get('size')} "
-                f"and {str(expected.get('sha256'))[:12]}..."
-            )
-    return manifest
 
 
 def load_weights(
@@ -240,6 +203,8 @@ def load_weights(
     name: str | None = None
     if (directory / MAPS_FILE).is_file() or tag is not None:
         name = tag or "last"
+        if (directory / CHECKPOINTS_DIR).is_symlink():
+            check_real_directory(directory / CHECKPOINTS_DIR)
         directory = directory / CHECKPOINTS_DIR / name
     if not directory.is_dir():
         # Killed between the two renames of a replacement: the previous one is still whole.
@@ -261,7 +226,7 @@ def load_weights(
             "with tag= one of its checkpoints/ names (e.g. 'last' or 'best-loss')"
         )
     manifest = read_manifest(directory)
-    state = _match_keys(safetensors.torch.load_file(str(directory / WEIGHTS)), model)
+    state = _match_keys(load_weights_file(directory / WEIGHTS), model)
     _check_fit(state, model, directory, strict=strict)
     model.load_state_dict(state, strict=strict)
     return manifest
@@ -349,14 +314,6 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return result
 
 
-def _digest(path: Path) -> dict[str, Any]:
-    sha = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            sha.update(block)
-    return {"sha256": sha.hexdigest(), "size": path.stat().st_size}
-
-
 def _fsync_file(path: Path) -> None:
     with path.open("rb") as stream:
         os.fsync(stream.fileno())
@@ -403,7 +360,7 @@ def save_training_state(
     ``torch.save`` and read back with ``weights_only=True`` only; ``document`` (counters,
     positions, filter counters) as JSON; the weights as safetensors.
     """
-    root = maps.file(TRAINING_DIR)
+    root = maps.directory(TRAINING_DIR)
     text = json.dumps(dict(document), indent=2, default=str) + "\n"
     path = write_checkpoint(
         root,
@@ -435,6 +392,7 @@ def training_states(maps: Maps) -> list[Path]:
     root = maps.file(TRAINING_DIR)
     if not root.is_dir():
         return []
+    check_real_directory(root)
     found = [p for p in root.iterdir() if p.name.startswith(_STATE_PREFIX) and p.is_dir()]
     return sorted(found, key=lambda p: p.name, reverse=True)
 
@@ -449,10 +407,12 @@ class FoundState:
 
 
 def find_training_state(maps: Maps) -> FoundState | None:
-    """The newest training state whose manifest verifies; ``None`` if the MAPS holds none.
+    """The newest training state that verifies and parses; ``None`` if the MAPS holds none.
 
-    A corrupt, partial or unreadable state is passed over (and named in ``skipped``); a
-    ``latest`` pointer that is missing, corrupt or stale never decides on its own.
+    A corrupt, partial or unreadable state is passed over (and named in ``skipped``): one whose
+    manifest does not verify, and one whose files match their manifest yet are not what
+    trainbus writes (the weights, the torch file and ``state.json`` are opened to check).
+    A ``latest`` pointer that is missing, corrupt or stale never decides on its own.
     Raises :class:`CorruptCheckpointError` when states exist but none verifies.
     """
     skipped: list[str] = []
@@ -462,6 +422,7 @@ def find_training_state(maps: Maps) -> FoundState | None:
             manifest = read_manifest(path)
             if manifest.get("kind") != "training":
                 raise CorruptCheckpointError(f"{path} is not a training state")
+            _check_contents(path)
         except CheckpointError as exc:
             skipped.append(f"{path.name}: {exc}")
             continue
@@ -484,27 +445,33 @@ def _read_latest(maps: Maps) -> str | None:
         return None
 
 
+def _check_contents(path: Path) -> None:
+    """Open every file of a verified training state as what it should be, cheaply.
+
+    The weights' header is parsed and the torch file is memory-mapped (its pickle read, its
+    tensors not): a resume then passes over a manifest-consistent forgery instead of failing.
+    """
+    weights = path / WEIGHTS
+    try:
+        with safetensors.safe_open(str(weights), framework="pt") as opened:
+            opened.keys()
+    except Exception as exc:  # the parser's own error types: any of them means unreadable
+        raise corrupt(weights, "not a safetensors file", exc) from exc
+    load_torch_file(path / TRAINER_FILE, mmap=True)
+    read_document(path / STATE_FILE)
+
+
 def load_training_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
     """The weights, the torch-saved part and the JSON part of a verified training state.
 
     The torch file is read with ``weights_only=True`` passed explicitly, so a pickle that
     names anything but tensors and plain containers is refused, whatever the environment says.
+    A file that matches the manifest but cannot be parsed raises :class:`CorruptCheckpointError`.
     """
     read_manifest(path)
-    weights = safetensors.torch.load_file(str(path / WEIGHTS))
-    trainer_file = path / TRAINER_FILE
-    try:
-        tensors = torch.load(trainer_file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        offending = next((line for line in lines if "GLOBAL" in line), lines[-1] if lines else "")
-        raise CheckpointError(
-            f"refused to load {trainer_file}: {offending} A training state written by "
-            "trainbus holds only tensors and plain values, so this file was not written by "
-            "trainbus or was tampered with; do not load it with weights_only=False"
-        ) from exc
-    document = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    return weights, tensors, document
+    weights = load_weights_file(path / WEIGHTS)
+    tensors = load_torch_file(path / TRAINER_FILE, mmap=False)
+    return weights, tensors, read_document(path / STATE_FILE)
 
 
 def quarantine(directory: Path) -> Path:
@@ -517,15 +484,22 @@ def quarantine(directory: Path) -> Path:
 
 
 def rotate_training_states(
-    maps: Maps, keep: int, protect: Iterable[Path] = (), *, owner: str | None = None
+    maps: Maps,
+    keep: int,
+    protect: Iterable[Path] = (),
+    *,
+    owner: str | None = None,
+    sources: Collection[str] = (),
 ) -> list[Path]:
     """Delete all but the newest ``keep`` states; never one in ``protect``. Returns the removed.
 
-    With ``owner`` (a callback id), only the states that callback asked for count and go:
-    several training-checkpoint callbacks in one MAPS never rotate each other's states.
+    With ``owner`` (a callback id), only the states that callback asked for count and go
+    (``sources``: its handler ids; see :func:`~trainbus.engine.manifest.owned_by`): several
+    training-checkpoint callbacks in one MAPS never rotate each other's states, whatever
+    their ids.
     """
     protected = {p.resolve() for p in protect}
-    candidates = [p for p in training_states(maps) if owner is None or _requested_by(p, owner)]
+    candidates = [p for p in training_states(maps) if owner is None or owned_by(p, owner, sources)]
     removed = []
     for path in candidates[keep:]:
         if path.resolve() in protected:
@@ -533,12 +507,3 @@ def rotate_training_states(
         remove_checkpoint(path)
         removed.append(path)
     return removed
-
-
-def _requested_by(directory: Path, owner: str) -> bool:
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-        source = str(manifest["metadata"]["requested_by"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False  # unreadable: left for a resume to pass over, never deleted blindly
-    return source.startswith(f"{owner}.")

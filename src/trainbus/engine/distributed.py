@@ -50,7 +50,7 @@ from torch.utils.data import (
 )
 
 from trainbus.engine.resume import replica
-from trainbus.errors import ConfigurationError, TrainbusError
+from trainbus.errors import ConfigurationError, ConfigurationTypeError, TrainbusError
 from trainbus.events.commands import Request
 
 T = TypeVar("T")
@@ -317,6 +317,18 @@ class _TrainingForward(nn.Module):
 
     def forward(self, batch: Any) -> Any:
         return self.model.forward_step(batch)  # type: ignore[operator]
+
+
+def ddp_arguments(options: object) -> dict[str, Any]:
+    """``Trainer(ddp_options=...)`` checked: keyword arguments for DistributedDataParallel."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise ConfigurationTypeError(
+            f"ddp_options={options!r} is not a dict of DistributedDataParallel keyword "
+            "arguments; pass e.g. ddp_options={'find_unused_parameters': True}"
+        )
+    return dict(options)
 
 
 def wrap_model(

@@ -11,8 +11,10 @@ Layout (every name below is relative to the MAPS root)::
     training/state-*/    training states for an exact resume; training/latest names the newest
 
 A MAPS that exists is never silently reused: pass ``overwrite=True`` to replace it (only a
-directory that is a trainbus MAPS, or empty, is ever deleted). Every name written is checked,
-so nothing lands outside the directory.
+directory that is a trainbus MAPS, or empty, is ever deleted, never through a symbolic link,
+and only while holding its lock). Every name written is checked, so nothing lands outside the
+directory; a directory of the MAPS that is a symbolic link is refused, and a MAPS deleted or
+moved while a run writes into it is reported at the next write instead of being recreated.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from trainbus.engine.files import (
+    check_real_directory,
+    describe_owner,
+    fsync_directory,
+    read_owner,
+    sync_file,
+    write_owner,
+)
 from trainbus.errors import (
     ConfigurationTypeError,
     MapsError,
@@ -40,6 +50,23 @@ from trainbus.errors import (
     MapsLockedError,
     UnsafePathError,
 )
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "ENVIRONMENT_FILE",
+    "LOCK_FILE",
+    "LOGS_DIR",
+    "MAPS_FILE",
+    "METRICS_FILE",
+    "TRAINING_DIR",
+    "TRAINING_LOSS_FILE",
+    "Maps",
+    "check_name",
+    "check_real_directory",
+    "environment",
+    "fsync_directory",
+    "sync_file",
+]
 
 try:
     import fcntl
@@ -54,6 +81,11 @@ LOGS_DIR = "logs"
 CHECKPOINTS_DIR = "checkpoints"
 TRAINING_DIR = "training"
 LOCK_FILE = ".lock"
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a forged link must not redirect the owner record
+
+_SKELETON = frozenset({LOCK_FILE, LOGS_DIR, CHECKPOINTS_DIR, ENVIRONMENT_FILE})
+"""What :meth:`Maps.create` leaves before the run writes ``maps.json``: still a trainbus MAPS."""
 
 
 def check_name(name: str) -> str:
@@ -89,6 +121,8 @@ class Maps:
         self.overwrite = overwrite
         self._created = False
         self._lock: int | None = None
+        self._stale: dict[str, Any] | None = None
+        self._identity: tuple[int, int] | None = None
         if not self.is_maps():
             self.check_available()
 
@@ -104,7 +138,11 @@ class Maps:
         return self._created
 
     def check_available(self) -> None:
-        """Raise :class:`MapsExistsError` if creating the MAPS would overwrite something."""
+        """Raise :class:`MapsExistsError` if creating the MAPS would overwrite something.
+
+        Raises :class:`MapsLockedError` instead when another live process holds the directory
+        (it is creating or replacing it, or training into it).
+        """
         if self._created or not self.path.exists():
             return
         if not self.path.is_dir():
@@ -112,15 +150,25 @@ class Maps:
                 f"MAPS path {str(self.path)!r} exists and is not a directory; choose another "
                 "path for the experiment"
             )
-        if not any(self.path.iterdir()):
+        # maps.json is looked for before the listing: an overwrite deletes it last.
+        is_maps = self.is_maps()
+        names = {entry.name for entry in self.path.iterdir()}
+        if not names:
             return
         if not self.overwrite:
-            resume = " (or resume=True to continue its training)" if self.is_maps() else ""
+            resume = " (or resume=True to continue its training)" if is_maps else ""
             raise MapsExistsError(
                 f"MAPS directory {str(self.path)!r} already exists and is not empty; choose a "
                 f"new directory, or pass overwrite=True to replace it{resume}"
             )
-        if not (self.path / MAPS_FILE).is_file():
+        if self.path.is_symlink():
+            raise MapsExistsError(
+                f"MAPS path {str(self.path)!r} is a symbolic link (to "
+                f"{os.path.realpath(self.path)!r}); overwrite=True never deletes through a link. "
+                "Pass the directory it points to as the MAPS, or remove the link"
+            )
+        if not is_maps and not (LOCK_FILE in names and names <= _SKELETON):
+            self.check_unlocked()  # a live process may be replacing it right now
             raise MapsExistsError(
                 f"MAPS directory {str(self.path)!r} is not empty and holds no {MAPS_FILE}, so "
                 "it is not a trainbus MAPS; refusing to delete it even with overwrite=True. "
@@ -134,32 +182,87 @@ class Maps:
     def adopt(self) -> None:
         """Continue writing into an existing MAPS (resume, or evaluation after training)."""
         if self._created:
+            self.check_present()
             return
         if not self.is_maps():
             raise MapsError(
                 f"{str(self.path)!r} is not a trainbus MAPS (no {MAPS_FILE}); nothing can be "
                 "resumed from it: check the path"
             )
+        self._remember()
         self._created = True
 
     def create(self) -> None:
-        """Create the directory (replacing an old MAPS only when ``overwrite=True``)."""
+        """Create the directory (replacing an old MAPS only when ``overwrite=True``).
+
+        Replacing takes the MAPS's lock first and keeps it (as :meth:`lock` would): of two
+        processes replacing one MAPS at once, one wins and the other gets
+        :class:`MapsLockedError`; the old contents go while the lock is held, ``maps.json``
+        last, so an interrupted deletion still leaves a directory recognised as a MAPS.
+        """
         if self._created:
+            self.check_present()
             return
         self.check_available()
-        if self.path.exists() and any(self.path.iterdir()):
-            self.check_unlocked()  # never delete a MAPS a running training writes into
-            shutil.rmtree(self.path)
+        replacing = self.path.is_dir() and any(self.path.iterdir())
+        if replacing:
+            self._stale = self.lock()
         try:
+            if replacing:
+                self.check_available()  # what it holds now, under the lock
+                self._clear()
             self.path.mkdir(parents=True, exist_ok=True)
             for sub in (LOGS_DIR, CHECKPOINTS_DIR):
                 (self.path / sub).mkdir(exist_ok=True)
+            self._remember()
         except OSError as exc:
+            self.unlock()
             raise MapsError(
-                f"cannot create MAPS directory {str(self.path)!r}: {exc.strerror}; check the "
-                "path and its permissions"
+                f"cannot create MAPS directory {str(self.path)!r}: {exc.strerror or exc}; check "
+                "the path and its permissions"
             ) from exc
+        except BaseException:
+            self.unlock()
+            raise
         self._created = True
+
+    def _clear(self) -> None:
+        """Delete the old MAPS's contents but the lock file (held) and, until the end, maps.json."""
+        entries = sorted(self.path.iterdir(), key=lambda entry: entry.name == MAPS_FILE)
+        for entry in entries:
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+        fsync_directory(self.path)
+
+    # ------------------------------------------------------------- identity
+    def _remember(self) -> None:
+        status = os.stat(self.path)
+        self._identity = (status.st_dev, status.st_ino)
+
+    def check_present(self) -> None:
+        """Raise :class:`MapsError` if the MAPS was deleted or moved since it was created.
+
+        Writing on would recreate an empty directory, or write into another one at that path:
+        the run's files would be split between two places without anyone noticing.
+        """
+        if self._identity is None:
+            return
+        try:
+            status = os.stat(self.path)
+        except OSError:
+            status = None
+        if status is None or (status.st_dev, status.st_ino) != self._identity:
+            now = "nothing is there now" if status is None else "another directory is there now"
+            raise MapsError(
+                f"the MAPS {str(self.path)!r} was deleted or moved during the run ({now}); "
+                "nothing more is written, so the run's files are not split between two "
+                "directories. Put the directory back and resume (Trainer.from_maps), or train "
+                "again into a new MAPS"
+            )
 
     # ------------------------------------------------------------- locking
     def lock(self) -> dict[str, Any] | None:
@@ -167,37 +270,48 @@ class Maps:
 
         Raises :class:`MapsLockedError` naming the owner when another live process holds it.
         A lock left by a process that was killed is released by the system: it is taken over,
-        and the dead owner's record is returned so the takeover can be reported.
+        and the dead owner's record is returned so the takeover can be reported (by the first
+        call after :meth:`create` when replacing the MAPS took the lock already).
         """
         if self._lock is not None or fcntl is None:
-            return None
-        descriptor = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            stale, self._stale = self._stale, None
+            return stale
+        self.check_present()
+        try:
+            descriptor = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise MapsError(
+                f"cannot lock MAPS {str(self.path)!r}: {exc.strerror or exc} "
+                f"({self.path / LOCK_FILE}); check that the directory exists and is writable"
+            ) from exc
         try:
             self._take(descriptor)
         except BaseException:
             os.close(descriptor)
             raise
-        previous = _read_owner(descriptor)
+        previous = read_owner(descriptor)
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "since": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv)[:500],
         }
-        _write_owner(descriptor, record)
+        write_owner(descriptor, record)
         self._lock = descriptor
+        self._stale = None
         if previous and not previous.get("released"):
             return previous
         return None
 
     def unlock(self) -> None:
         """Release the lock taken by :meth:`lock` (marking the record released)."""
+        self._stale = None
         if self._lock is None or fcntl is None:
             return
         descriptor, self._lock = self._lock, None
         try:
-            record = _read_owner(descriptor) or {}
-            _write_owner(descriptor, {**record, "released": True})
+            record = read_owner(descriptor) or {}
+            write_owner(descriptor, {**record, "released": True})
         finally:
             fcntl.flock(descriptor, fcntl.LOCK_UN)
             os.close(descriptor)
@@ -218,9 +332,9 @@ class Maps:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = _read_owner(descriptor)
+            owner = read_owner(descriptor)
             raise MapsLockedError(
-                f"MAPS {str(self.path)!r} is in use by {_describe_owner(owner)}; wait for that "
+                f"MAPS {str(self.path)!r} is in use by {describe_owner(owner)}; wait for that "
                 "run to end (or stop it), or train into another MAPS"
             ) from None
 
@@ -228,11 +342,31 @@ class Maps:
         """The path of ``parts`` inside the MAPS, each part checked by :func:`check_name`."""
         return self.path.joinpath(*(check_name(part) for part in parts))
 
+    def directory(self, *parts: str) -> Path:
+        """The directory ``parts`` inside the MAPS, created if missing, ready to be written into.
+
+        Raises :class:`MapsError` if the MAPS was deleted or moved during the run, and
+        :class:`UnsafePathError` if one of the directories is a symbolic link: trainbus never
+        makes one, and writing (or rotating) through it would act outside the MAPS.
+        """
+        for part in parts:
+            check_name(part)
+        self.check_present()
+        current = self.path
+        if self._identity is None:
+            current.mkdir(parents=True, exist_ok=True)
+        for part in parts:
+            current = current / part
+            with contextlib.suppress(FileExistsError):
+                current.mkdir()
+            check_real_directory(current)
+        return current
+
     # ------------------------------------------------------------- writing
     def write_bytes(self, data: bytes, *parts: str) -> Path:
         """Write a file atomically: temporary file, fsync, rename, fsync of the directory."""
         target = self.file(*parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self.directory(*parts[:-1])
         handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         try:
             with os.fdopen(handle, "wb") as stream:
@@ -267,6 +401,7 @@ class Maps:
         ``durable=True`` also fsyncs it (a power loss loses nothing either, at ~0.5 ms a row).
         """
         target = self.file(*parts)
+        self.directory(*parts[:-1])
         exists = target.exists() and target.stat().st_size > 0
         if exists:
             with target.open(encoding="utf-8", newline="") as stream:
@@ -346,60 +481,6 @@ def environment() -> dict[str, Any]:
         "platform": sys.platform,
         "packages": dict(sorted(packages.items(), key=lambda item: item[0].lower())),
     }
-
-
-def _read_owner(descriptor: int) -> dict[str, Any] | None:
-    try:
-        os.lseek(descriptor, 0, os.SEEK_SET)
-        data = os.read(descriptor, 4096)
-        owner = json.loads(data) if data else None
-    except (OSError, ValueError):
-        return None
-    return owner if isinstance(owner, dict) else None
-
-
-def _write_owner(descriptor: int, record: Mapping[str, Any]) -> None:
-    os.ftruncate(descriptor, 0)
-    os.lseek(descriptor, 0, os.SEEK_SET)
-    os.write(descriptor, (json.dumps(record) + "\n").encode())
-    os.fsync(descriptor)
-
-
-def _describe_owner(owner: Mapping[str, Any] | None) -> str:
-    if not owner:
-        return "another process (its record is unreadable)"
-    return (
-        f"process {owner.get('pid')} on {owner.get('host')} since {owner.get('since')} "
-        f"({owner.get('command')!r})"
-    )
-
-
-def sync_file(path: Path) -> None:
-    """fsync a file if it exists (what was written to it survives a power loss)."""
-    _fsync(path, best_effort=False)
-
-
-def fsync_directory(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
-    _fsync(path, best_effort=True)
-
-
-def _fsync(path: Path, *, best_effort: bool) -> None:
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    except OSError:
-        if best_effort:
-            return
-        raise
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        if not best_effort:
-            raise
-    finally:
-        os.close(descriptor)
 
 
 def _cell(value: Any) -> str:

@@ -95,7 +95,8 @@ class _MeanLoss:
         if not isinstance(value, torch.Tensor) or value.ndim != 0:
             raise ModelContractError(
                 f"metric {self.name!r} reads evaluation_step's {self.loss_name!r}, which is "
-                f"{_shape(value)}; return the batch's mean loss as a scalar tensor"
+                f"{_describe(value)}; return the batch's mean loss as a scalar tensor (e.g. "
+                "loss.mean(), not loss.item(), a list or an array)"
             )
         self.metric.update(value.detach().float(), batch_size)
         self._count += batch_size
@@ -133,9 +134,30 @@ class _TorchMetric:
         self.metric.to(device)
 
     def update(self, outputs: Mapping[str, Any], batch_size: int) -> None:
-        preds = _lookup(outputs, self.config.preds, self.name)
-        target = _lookup(outputs, self.config.target, self.name)
-        self.metric.update(preds.detach(), target.detach())
+        preds = self._tensor(outputs, self.config.preds)
+        target = self._tensor(outputs, self.config.target)
+        try:
+            self.metric.update(preds.detach(), target.detach())
+        except Exception as exc:
+            # torchmetrics names neither the metric nor where its inputs came from.
+            exc.add_note(
+                f"trainbus: raised by metric {self.name!r} fed evaluation_step's "
+                f"{self.config.preds!r} ({_describe(preds)}) and {self.config.target!r} "
+                f"({_describe(target)}); return what this metric takes under these keys"
+            )
+            raise
+
+    def _tensor(self, outputs: Mapping[str, Any], key: str) -> torch.Tensor:
+        value = _lookup(outputs, key, self.name)
+        if not isinstance(value, torch.Tensor):
+            raise ModelContractError(
+                f"metric {self.name!r} reads evaluation_step's {key!r}, which is "
+                f"{_describe(value)}; a torchmetrics metric takes tensors: return {key!r} as "
+                "a torch.Tensor on the batch's device (e.g. torch.as_tensor(value, "
+                "device=...)), or configure the metric to read another key with "
+                "TorchMetricConfig(metric, preds=..., target=...)"
+            )
+        return value
 
     def compute(self) -> float:
         value = self.metric.compute()
@@ -206,7 +228,21 @@ def _lookup(outputs: Mapping[str, Any], key: str, metric: str) -> Any:
         ) from None
 
 
-def _shape(value: Any) -> str:
+def _describe(value: Any) -> str:
+    """A short description of an evaluation output, for error messages."""
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
-    return f"{type(value).__name__} {value!r}"[:80]
+    if value is None:
+        return "None"
+    kind = type(value)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    article = "an" if name[0].lower() in "aeiou" else "a"
+    shape = getattr(value, "shape", None)
+    if isinstance(shape, tuple):  # an array of another library
+        return f"{article} {name} of shape {shape}"
+    text = repr(value)
+    return f"{article} {name} ({text if len(text) <= 60 else text[:57] + '...'})"

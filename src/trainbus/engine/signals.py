@@ -1,21 +1,33 @@
 """SIGTERM and SIGINT during ``train()``: remembered, acted on at the next step boundary.
 
 A cluster preempting a job sends SIGTERM; a person at the terminal presses Ctrl-C. Either way
-the handler installed here only records the signal: the loop, at its next step boundary,
-writes a training state, stops (a resumable stop), lets ``train_end`` and ``teardown`` run,
-and then exits with status 128 + the signal number, as a shell expects. A second signal while
-the state is written changes nothing: it is recorded, not raised. The previous handlers are
-put back when ``train()`` returns or raises.
+the handler installed here records the signal and prints one line saying what will happen: the
+loop, at its next step boundary, writes a training state, stops (a resumable stop), lets
+``train_end`` and ``teardown`` run, and then exits with status 128 + the signal number, as a
+shell expects.
+
+A second signal is the way out of a handler or a loader that blocks: the process ends at once
+with status 128 + its number, after a line saying that no training state was written (the last
+one written stays valid). A repeat that arrives within :data:`REPEAT_WINDOW` seconds of the
+first is taken as the same signal delivered twice (a launcher forwarding the signal its
+process group also received), so that a preemption still saves. The previous handlers are put
+back when ``train()`` returns or raises.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+REPEAT_WINDOW = 0.5
+"""Seconds during which a repeated signal counts as the first one delivered again."""
 
 
 class StopSignals:
@@ -23,9 +35,11 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
+        self.received = None
         if threading.current_thread() is threading.main_thread():
             for number in HANDLED:
                 self._previous[number] = signal.signal(number, self._record)
@@ -37,5 +51,28 @@ class StopSignals:
         self._previous.clear()
 
     def _record(self, number: int, frame: FrameType | None) -> None:
+        name = signal.Signals(number).name
         if self.received is None:
             self.received = number
+            self._first_at = time.monotonic()
+            again = "Ctrl-C" if number == signal.SIGINT else name
+            _say(
+                f"trainbus: received {name}: stopping at the next step boundary and writing a "
+                f"training state; {again} again to abort without saving"
+            )
+            return
+        if time.monotonic() - self._first_at < REPEAT_WINDOW:
+            return
+        _say(
+            f"trainbus: received {name} again: aborting now; the training state was NOT "
+            "saved (the last one written is intact: resume from it)"
+        )
+        # A handler or loader may be blocked where no exception would ever reach the loop.
+        os._exit(128 + number)
+
+
+def _say(line: str) -> None:
+    # Written straight to the file descriptor: a signal handler must not wait on a lock that
+    # the interrupted code may hold inside sys.stderr.
+    with contextlib.suppress(OSError):
+        os.write(2, (line + "\n").encode("utf-8", "replace"))

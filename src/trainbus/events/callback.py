@@ -43,7 +43,8 @@ class Callback:
       opens something first at ``train_start`` closes it last at ``train_end``.
 
     Override :meth:`state_dict` / :meth:`load_state_dict` for state that must survive a resume
-    (stored under :attr:`callback_id`), and :meth:`config` for what goes into ``maps.json``.
+    (stored under :attr:`callback_id`), :meth:`reset` to forget an earlier run's state when a
+    new run starts, and :meth:`config` for what goes into ``maps.json``.
     """
 
     priority: ClassVar[int] = 0
@@ -101,6 +102,14 @@ class Callback:
                         or (cls.reverse_end_events and event in PAIRED_START),
                     ),
                 )
+
+    def reset(self) -> None:
+        """Forget the state of any earlier run; called before ``train_start`` of a new run.
+
+        A run that resumes a training state gets :meth:`load_state_dict` instead. Override it
+        when the callback keeps per-run state (a best value, a patience counter, the files it
+        wrote), so that an instance reused in a second Trainer behaves as a fresh one.
+        """
 
     def state_dict(self) -> dict[str, Any]:
         """State to restore on resume (plain JSON-ready values). Default: nothing."""

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from trainbus.errors import ConfigurationError, ConfigurationTypeError
+from trainbus.errors import ConfigurationError, ConfigurationTypeError, SubscriptionError
 
 OnError = Literal["raise", "log"]
 Predicate = Callable[[Any], bool]
@@ -128,6 +128,14 @@ def _check_predicate(when: object) -> None:
             f"when={when!r} is not callable; pass a function of the state that "
             "returns True when the handler should run, e.g. when=lambda s: s.current_epoch > 2"
         )
+    deferred = deferred_kind(when)
+    if deferred is not None:
+        kind, made = deferred
+        raise ConfigurationTypeError(
+            f"when={when!r} is {kind}: calling it creates {made}, which is always true, so "
+            "the filter would never filter; pass a plain function of the state that returns "
+            "a bool, e.g. when=lambda state: state.current_epoch > 2"
+        )
     try:
         signature = inspect.signature(when)
     except (TypeError, ValueError):  # some builtins have no signature: checked at dispatch
@@ -139,6 +147,45 @@ def _check_predicate(when: object) -> None:
             f"when={when!r} cannot be called with one argument (the state snapshot); its "
             f"signature is {signature}; pass e.g. when=lambda state: state.current_epoch > 2"
         ) from None
+
+
+def deferred_kind(function: object) -> tuple[str, str] | None:
+    """What ``function`` is, and what calling it creates, when its body does not run on call.
+
+    ``None`` for a plain callable. Bound methods, ``functools.partial``, static and class
+    methods, and instances with an ``async def __call__`` are looked through.
+    """
+    if isinstance(function, staticmethod | classmethod):
+        function = function.__func__
+    candidates = [function]
+    if not inspect.isroutine(function) and not isinstance(function, type):
+        # the method a callable instance runs, not a callability test
+        candidates.append(getattr(function, "__call__", None))  # noqa: B004
+    for candidate in candidates:
+        if inspect.iscoroutinefunction(candidate):
+            return "an async function (async def)", "a coroutine"
+        if inspect.isasyncgenfunction(candidate):
+            return "an async generator function (async def with yield)", "an async generator"
+        if inspect.isgeneratorfunction(candidate):
+            return "a generator function (it contains yield)", "a generator"
+    return None
+
+
+def check_plain_handler(handler: object, where: str) -> None:
+    """Refuse a handler whose call only creates a coroutine or a generator.
+
+    The dispatcher calls handlers synchronously and reads what they return as commands, so
+    the body of such a handler would never run, silently.
+    """
+    deferred = deferred_kind(handler)
+    if deferred is not None:
+        kind, made = deferred
+        raise SubscriptionError(
+            f"{where} is {kind}: calling it only creates {made}, which would never run; a "
+            "handler must be a plain function returning None or a command. Write it with a "
+            "plain 'def' and no yield; run any async work to completion inside it (e.g. with "
+            "asyncio.run) or hand it to a worker you own"
+        )
 
 
 def check_priority(priority: object, *, allow_none: bool = False) -> None:
@@ -208,6 +255,8 @@ def on(
     )
 
     def decorate(function: F) -> F:
+        name = getattr(function, "__qualname__", None) or repr(function)
+        check_plain_handler(function, f"{name!r} marked with @on({event!r})")
         return add_mark(function, Mark(event, options))
 
     return decorate

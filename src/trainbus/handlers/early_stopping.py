@@ -181,6 +181,10 @@ class EarlyStoppingCallback(Callback):
         self.check_finite = check_finite
         self.start_from_epoch = start_from_epoch
         self.restore_best_weights = restore_best_weights
+        self._clear_run()
+
+    def _clear_run(self) -> None:
+        """The state of a run before its first validation."""
         self.best: float | None = None
         self.best_epoch: int | None = None
         self.best_iteration: int | None = None
@@ -188,6 +192,14 @@ class EarlyStoppingCallback(Callback):
         self.best_checkpoint: Path | None = None
         self.checkpoint_iteration: int | None = None
         self._restore_pending = False
+
+    def reset(self) -> None:
+        """Forget the best value, its epoch, the patience count and the best checkpoint.
+
+        The checkpoint itself stays in the earlier run's MAPS: only this callback forgets it,
+        so the new run saves and restores its own best weights.
+        """
+        self._clear_run()
 
     # ----------------------------------------------------------------- options
     def metric_names(self) -> tuple[str, ...]:

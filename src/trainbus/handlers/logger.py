@@ -104,11 +104,16 @@ class LoggerCallback(Callback):
         self.progress_bar = progress_bar
         self.console_interval = float(console_interval)
         self._stream = stream
+        self._with_bar: bool | None = None
         self._file: IO[str] | None = None
         self._log: Any = None
         self._console_log: Any = None
         self._bar: tqdm[Any] | None = None
-        self._with_bar: bool | None = None
+        self._clear_run()
+
+    def _clear_run(self) -> None:
+        """The state before a run opens its log: no file, no bar, no epoch summed up."""
+        self._close()
         self._last_loss_line: float | None = None
         # The epoch summary; part of the training state, so a resumed epoch sums up alike.
         self._loss_sum = 0.0
@@ -117,6 +122,15 @@ class LoggerCallback(Callback):
         self._epoch_started: float | None = None
         self._epoch_metrics: dict[str, float] | None = None
         self._epoch_improved: list[str] = []
+
+    def reset(self) -> None:
+        """Forget the earlier run's epoch summary and close what it left open.
+
+        Whether a bar is drawn stays as decided when the handlers were subscribed (the
+        per-batch update is subscribed or not by then); the next run opens the log of its
+        own MAPS at ``train_start``.
+        """
+        self._clear_run()
 
     # ------------------------------------------------------------ plumbing
     @property
@@ -364,6 +378,9 @@ class LoggerCallback(Callback):
         self._emit("error", "exception", fields, error=exception)
 
     def on_teardown(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
         self._close_bar()
         if self._file is not None:
             self._file.close()

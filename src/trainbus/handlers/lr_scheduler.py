@@ -106,19 +106,35 @@ class LRSchedulerCallback(Callback):
         self.interval: Literal["epoch", "step"] = interval
         self.frequency = frequency
         self.monitor = monitor
-        self.optimizer_index = optimizer_index
+        self._given_index = optimizer_index
         self._factory: SchedulerFactory | None = None
-        self._scheduler: Scheduler | None = None
+        self._given_scheduler: Scheduler | None = None
         if built:
             assert isinstance(scheduler, LRScheduler | ReduceLROnPlateau)
             self._check_kind(scheduler)
-            self._scheduler = scheduler
+            self._given_scheduler = scheduler
         else:
             self._factory = scheduler  # type: ignore[assignment]
+        self._clear_run()
+
+    def _clear_run(self) -> None:
+        """The state before ``train_start``: no scheduler built, nothing loaded or counted."""
+        # Overwritten at train_start with the position of an already built scheduler's own
+        # optimizer.
+        self.optimizer_index = self._given_index
+        self._scheduler: Scheduler | None = self._given_scheduler
         self._pending: Mapping[str, Any] | None = None
         self._steps = 0
         self._epochs = 0
         self._validations = 0
+
+    def reset(self) -> None:
+        """Forget the earlier run: a factory builds a new scheduler at the next ``train_start``.
+
+        A scheduler passed already built is kept as it is, progress included: it is the
+        argument this callback was given, and it cannot be rewound.
+        """
+        self._clear_run()
 
     @property
     def scheduler(self) -> Scheduler | None:

@@ -36,9 +36,17 @@ class MetricsWriterCallback(Callback):
     rank_zero_only = True
 
     def __init__(self) -> None:
+        self._clear_run()
+
+    def _clear_run(self) -> None:
+        """The state before a run: no rows counted, nothing restored, no MAPS written to."""
         self.rows: dict[str, int] = {}
         self._restored: dict[str, int] | None = None
         self._maps: Maps | None = None
+
+    def reset(self) -> None:
+        """Forget the earlier run's row counts and MAPS; ``train_start`` counts the new one's."""
+        self._clear_run()
 
     def on_train_start(self, *, maps: Maps) -> None:
         if self._restored is None:

@@ -17,12 +17,9 @@ Written to ``monitor.json`` at the end of training (and, optionally, printed as 
 from __future__ import annotations
 
 import contextlib
-import os
-import resource
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 import torch
@@ -33,154 +30,34 @@ from trainbus.errors import ConfigurationError, ConfigurationTypeError
 from trainbus.events.bus import EventBus
 from trainbus.events.callback import Callback
 from trainbus.handlers import priorities
-from trainbus.handlers.gpu import GpuReading, NvmlReader, nvml_device, visible_devices
-from trainbus.handlers.text import escape_control
+from trainbus.handlers.gpu import NvmlReader, nvml_device, visible_devices
+from trainbus.handlers.monitor_records import (
+    Epoch,
+    GpuStats,
+    Run,
+    SubscriberTotals,
+    bus_totals,
+    cuda_device,
+    current_rss_bytes,
+    peak_rss_bytes,
+    process_memory,
+    release,
+)
+from trainbus.handlers.monitor_table import TOP_SUBSCRIBERS, format_report
+
+__all__ = [
+    "MONITOR_FILE",
+    "TOP_SUBSCRIBERS",
+    "MonitorCallback",
+    "current_rss_bytes",
+    "format_report",
+    "peak_rss_bytes",
+]
 
 MONITOR_FILE = "monitor.json"
-TOP_SUBSCRIBERS = 10
-"""Subscribers shown in the printed table (``monitor.json`` lists every one that ran)."""
 
 _CPU_MODEL = "the model's parameters are not on a CUDA device"
 _GPU_OFF = "GPU statistics are switched off (gpu=False)"
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def current_rss_bytes() -> int | None:
-    """Resident memory of this process now, from ``/proc/self/statm``; None where absent."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            resident_pages = int(statm.read().split()[1])
-        return resident_pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-@dataclass(slots=True)
-class _GpuStats:
-    """NVML readings folded into peaks and sums (one per epoch)."""
-
-    readings: int = 0
-    peak_memory_used_bytes: int = 0
-    memory_total_bytes: int = 0
-    utilization_readings: int = 0
-    utilization_sum: float = 0.0
-    max_utilization_percent: int | None = None
-
-    def add(self, reading: GpuReading) -> None:
-        self.readings += 1
-        self.peak_memory_used_bytes = max(self.peak_memory_used_bytes, reading.memory_used_bytes)
-        self.memory_total_bytes = reading.memory_total_bytes
-        if reading.utilization_percent is not None:
-            self.utilization_readings += 1
-            self.utilization_sum += reading.utilization_percent
-            self.max_utilization_percent = max(
-                self.max_utilization_percent or 0, reading.utilization_percent
-            )
-
-    def merge(self, summary: Mapping[str, Any]) -> None:
-        """Fold in an epoch's :meth:`as_dict` (means weighted by their readings)."""
-        self.readings += int(summary["readings"])
-        self.peak_memory_used_bytes = max(
-            self.peak_memory_used_bytes, int(summary["peak_memory_used_bytes"])
-        )
-        self.memory_total_bytes = int(summary["memory_total_bytes"]) or self.memory_total_bytes
-        mean = summary["mean_utilization_percent"]
-        if mean is not None:
-            count = int(summary["utilization_readings"])
-            self.utilization_readings += count
-            self.utilization_sum += float(mean) * count
-            self.max_utilization_percent = max(
-                self.max_utilization_percent or 0, int(summary["max_utilization_percent"])
-            )
-
-    @classmethod
-    def restored(cls, saved: Mapping[str, Any]) -> _GpuStats:
-        maximum = saved["max_utilization_percent"]
-        return cls(
-            readings=int(saved["readings"]),
-            peak_memory_used_bytes=int(saved["peak_memory_used_bytes"]),
-            memory_total_bytes=int(saved["memory_total_bytes"]),
-            utilization_readings=int(saved["utilization_readings"]),
-            utilization_sum=float(saved["utilization_sum"]),
-            max_utilization_percent=None if maximum is None else int(maximum),
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "readings": self.readings,
-            "utilization_readings": self.utilization_readings,
-            "peak_memory_used_bytes": self.peak_memory_used_bytes,
-            "memory_total_bytes": self.memory_total_bytes,
-            "mean_utilization_percent": (
-                self.utilization_sum / self.utilization_readings
-                if self.utilization_readings
-                else None
-            ),
-            "max_utilization_percent": self.max_utilization_percent,
-        }
-
-
-@dataclass(slots=True)
-class _Epoch:
-    """Accumulators of the running epoch; durations only, so they survive a new process."""
-
-    epoch: int
-    samples_at_start: int
-    started: float
-    carried_seconds: float = 0.0
-    validation_seconds: float = 0.0
-    data_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    checkpoint_seconds: float = 0.0
-    batches: int = 0
-    resumed: bool = False
-    gpu: _GpuStats | None = None
-    validation_started: float | None = None
-
-    def elapsed(self, now: float) -> float:
-        return self.carried_seconds + now - self.started
-
-    def saved(self, now: float) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "samples_at_start": self.samples_at_start,
-            "carried_seconds": self.elapsed(now),
-            "validation_seconds": self.validation_seconds,
-            "data_seconds": self.data_seconds,
-            "compute_seconds": self.compute_seconds,
-            "checkpoint_seconds": self.checkpoint_seconds,
-            "batches": self.batches,
-            "gpu": None if self.gpu is None else asdict(self.gpu),
-        }
-
-
-@dataclass(slots=True)
-class _SubscriberTotals:
-    calls: int = 0
-    timed_calls: int = 0
-    seconds: float = 0.0
-
-
-@dataclass(slots=True)
-class _Run:
-    """What one ``train()`` call in this process measures."""
-
-    started: float
-    bus: EventBus
-    baseline: dict[tuple[str, str], _SubscriberTotals] = field(default_factory=dict)
-    cuda_device: torch.device | None = None
-    reader: NvmlReader | None = None
-    gpu_reason: str | None = None
-    ended: float | None = None
-    final_totals: dict[tuple[str, str], _SubscriberTotals] | None = None
-
-    def seconds(self, now: float) -> float:
-        return (self.ended if self.ended is not None else now) - self.started
 
 
 class MonitorCallback(Callback):
@@ -260,15 +137,27 @@ class MonitorCallback(Callback):
         self.gpu = gpu
         self.table = table
         self._stream = stream
+        self._run: Run | None = None
+        self._clear_run()
+
+    def _clear_run(self) -> None:
+        """The state before a run starts: nothing measured, restored or open."""
+        run = self._run
+        if run is not None and run.ended is None:
+            release(run)  # a run that never tore down still times its bus and holds NVML
         self.epochs: list[dict[str, Any]] = []
-        self._epoch: _Epoch | None = None
-        self._run: _Run | None = None
+        self._epoch: Epoch | None = None
+        self._run = None
         self._restored = False
         self._prior_seconds = 0.0
-        self._prior_subscribers: dict[tuple[str, str], _SubscriberTotals] = {}
+        self._prior_subscribers: dict[tuple[str, str], SubscriberTotals] = {}
         self._resumes = 0
         self._mark = 0.0
         self._batch_started = 0.0
+
+    def reset(self) -> None:
+        """Forget the earlier run's measurements; :meth:`report` is empty until the next one."""
+        self._clear_run()
 
     @property
     def stream(self) -> IO[str]:
@@ -288,8 +177,8 @@ class MonitorCallback(Callback):
             self._prior_subscribers = {}
             self._resumes = 0
         self._restored = False
-        run = _Run(started=now, bus=bus, baseline=_totals(bus, skip_event="train_start"))
-        run.cuda_device = _cuda_device(model)
+        run = Run(started=now, bus=bus, baseline=bus_totals(bus, skip_event="train_start"))
+        run.cuda_device = cuda_device(model)
         if run.cuda_device is not None:
             torch.cuda.reset_peak_memory_stats(run.cuda_device)
         self._run = run
@@ -310,11 +199,11 @@ class MonitorCallback(Callback):
 
     def on_epoch_start(self, *, state: TrainerState) -> None:
         now = time.perf_counter()
-        self._epoch = _Epoch(
+        self._epoch = Epoch(
             epoch=state.current_epoch,
             samples_at_start=state.samples_seen,
             started=now,
-            gpu=_GpuStats() if self._reading_gpu() else None,
+            gpu=GpuStats() if self._reading_gpu() else None,
         )
         run = self._run
         if run is not None and run.cuda_device is not None:
@@ -368,7 +257,7 @@ class MonitorCallback(Callback):
         self._read_gpu()
         training = epoch.elapsed(now) - epoch.validation_seconds
         samples = state.samples_seen - epoch.samples_at_start
-        rss, peak_rss = _memory()
+        rss, peak_rss = process_memory()
         record: dict[str, Any] = {
             "epoch": epoch.epoch,
             "train_seconds": round(training, 6),
@@ -404,9 +293,7 @@ class MonitorCallback(Callback):
         # Frozen here: later validate()/test() calls on the same bus are not part of training.
         run.final_totals = self._subscriber_totals()
         run.ended = time.perf_counter()
-        run.bus.measure_time(0)
-        if run.reader is not None:
-            run.reader.close()
+        release(run)
 
     # --------------------------------------------------------------- report
     def report(self) -> dict[str, Any]:
@@ -422,7 +309,7 @@ class MonitorCallback(Callback):
         train_seconds = summed("train_seconds")
         validation_seconds = summed("validation_seconds")
         samples = sum(int(entry["samples"]) for entry in epochs)
-        rss, peak_rss = _memory()
+        rss, peak_rss = process_memory()
         peak_rss = max([peak_rss, *(int(e["peak_rss_bytes"]) for e in epochs)])
         memory: dict[str, Any] = {"rss_bytes": rss, "peak_rss_bytes": peak_rss}
         cuda_peaks = [
@@ -458,26 +345,26 @@ class MonitorCallback(Callback):
         reader = run.reader
         if reader is None or run.gpu_reason is not None:
             return {"available": False, "reason": run.gpu_reason or "NVML was not opened"}
-        stats = _GpuStats()
+        stats = GpuStats()
         for entry in self.epochs:
             gpu = entry.get("gpu")
             if isinstance(gpu, Mapping):
                 stats.merge(gpu)
         return {"available": True, "device": reader.device, "name": reader.name, **stats.as_dict()}
 
-    def _subscriber_totals(self) -> dict[tuple[str, str], _SubscriberTotals]:
+    def _subscriber_totals(self) -> dict[tuple[str, str], SubscriberTotals]:
         """Per (event, subscriber id): what earlier processes measured plus this train()."""
         totals = {
-            key: _SubscriberTotals(value.calls, value.timed_calls, value.seconds)
+            key: SubscriberTotals(value.calls, value.timed_calls, value.seconds)
             for key, value in self._prior_subscribers.items()
         }
         run = self._run
         if run is not None and run.final_totals is not None:
             return run.final_totals
         if run is not None:
-            for key, current in _totals(run.bus).items():
-                base = run.baseline.get(key, _SubscriberTotals())
-                merged = totals.setdefault(key, _SubscriberTotals())
+            for key, current in bus_totals(run.bus).items():
+                base = run.baseline.get(key, SubscriberTotals())
+                merged = totals.setdefault(key, SubscriberTotals())
                 merged.calls += current.calls - base.calls
                 merged.timed_calls += current.timed_calls - base.timed_calls
                 merged.seconds += current.seconds - base.seconds
@@ -532,7 +419,7 @@ class MonitorCallback(Callback):
         saved = state.get("epoch")
         self._epoch = None
         if saved is not None:
-            self._epoch = _Epoch(
+            self._epoch = Epoch(
                 epoch=int(saved["epoch"]),
                 samples_at_start=int(saved["samples_at_start"]),
                 started=time.perf_counter(),
@@ -543,12 +430,12 @@ class MonitorCallback(Callback):
                 checkpoint_seconds=float(saved["checkpoint_seconds"]),
                 batches=int(saved["batches"]),
                 resumed=True,
-                gpu=None if saved.get("gpu") is None else _GpuStats.restored(saved["gpu"]),
+                gpu=None if saved.get("gpu") is None else GpuStats.restored(saved["gpu"]),
             )
         self._prior_seconds = float(state.get("seconds", 0.0))
         self._resumes = int(state.get("resumes", 0))
         self._prior_subscribers = {
-            (str(row["event"]), str(row["id"])): _SubscriberTotals(
+            (str(row["event"]), str(row["id"])): SubscriberTotals(
                 calls=int(row["calls"]),
                 timed_calls=int(row["timed_calls"]),
                 seconds=float(row["seconds"]),
@@ -558,7 +445,7 @@ class MonitorCallback(Callback):
         self._restored = True
 
     # ------------------------------------------------------------------ gpu
-    def _open_gpu(self, run: _Run) -> None:
+    def _open_gpu(self, run: Run) -> None:
         if self.gpu is False:
             run.gpu_reason = _GPU_OFF
             return
@@ -589,7 +476,7 @@ class MonitorCallback(Callback):
         epoch = self._epoch
         if epoch is not None:
             if epoch.gpu is None:
-                epoch.gpu = _GpuStats()
+                epoch.gpu = GpuStats()
             epoch.gpu.add(reading)
 
     def _notice(self, reason: str | None) -> None:
@@ -602,121 +489,3 @@ class MonitorCallback(Callback):
         stream.write(text)
         with contextlib.suppress(AttributeError, ValueError, OSError):
             stream.flush()
-
-
-def _memory() -> tuple[int | None, int]:
-    """Resident memory now and the peak; ru_maxrss is updated lazily, so it may lag behind."""
-    rss = current_rss_bytes()
-    return rss, max(peak_rss_bytes(), rss or 0)
-
-
-def _totals(
-    bus: EventBus, skip_event: str | None = None
-) -> dict[tuple[str, str], _SubscriberTotals]:
-    return {
-        (subscription.event, subscription.id): _SubscriberTotals(
-            subscription.calls, subscription.timed_calls, subscription.seconds
-        )
-        for subscription in bus.subscriptions()
-        if subscription.event != skip_event
-    }
-
-
-def _cuda_device(model: torch.nn.Module) -> torch.device | None:
-    parameter = next(model.parameters(), None)
-    if parameter is None or not parameter.is_cuda:
-        return None
-    return parameter.device
-
-
-# ------------------------------------------------------------------------ table
-def format_report(report: Mapping[str, Any], *, top: int = TOP_SUBSCRIBERS) -> str:
-    """The readable summary of a :meth:`MonitorCallback.report` (what ``table=True`` prints)."""
-    total = float(report["total_seconds"])
-    epochs = len(report["epochs"])
-    lines = [
-        f"Monitor: {epochs} epoch{'s' if epochs != 1 else ''}, {report['batches']} batches, "
-        f"{report['samples']} samples in {total:.3f} s"
-        + (f" ({report['resumes']} resumes)" if report["resumes"] else ""),
-        f"  {'phase':<22}{'seconds':>10}{'share':>9}",
-    ]
-    phases = (
-        ("training", "train_seconds"),
-        ("  waiting for data", "data_seconds"),
-        ("  compute (host)", "compute_seconds"),
-        ("  checkpoints", "checkpoint_seconds"),
-        ("validation", "validation_seconds"),
-        ("other", "other_seconds"),
-    )
-    for label, key in phases:
-        seconds = float(report[key])
-        share = f"{seconds / total:.1%}" if total > 0 else "-"
-        lines.append(f"  {label:<22}{seconds:>10.3f}{share:>9}")
-    rate = report["samples_per_second"]
-    lines.append(
-        f"  {'throughput':<22}"
-        + (f"{rate:.1f} samples/s of training time" if rate is not None else "-")
-    )
-    memory = report["memory"]
-    text = f"peak RSS {_size(memory['peak_rss_bytes'])}"
-    if memory["rss_bytes"] is not None:
-        text = f"RSS {_size(memory['rss_bytes'])}, {text}"
-    if "peak_cuda_allocated_bytes" in memory:
-        text += f", peak CUDA allocated {_size(memory['peak_cuda_allocated_bytes'])}"
-    lines.append(f"  {'memory':<22}{text}")
-    gpu = report["gpu"]
-    if gpu["available"]:
-        text = (
-            f"{gpu['name']}: peak {_size(gpu['peak_memory_used_bytes'])} used of "
-            f"{_size(gpu['memory_total_bytes'])}"
-        )
-        if gpu["mean_utilization_percent"] is not None:
-            text += (
-                f", utilisation mean {gpu['mean_utilization_percent']:.0f}% "
-                f"max {gpu['max_utilization_percent']}%"
-            )
-        text += f" ({gpu['readings']} readings)"
-    else:
-        text = f"not recorded: {gpu['reason']}"
-    lines.append(f"  {'gpu':<22}{text}")
-    lines.extend(_subscriber_lines(report["subscribers"], top))
-    return "\n".join(lines) + "\n"
-
-
-def _subscriber_lines(subscribers: Mapping[str, Any], top: int) -> list[str]:
-    sample_every = subscribers["sample_every"]
-    rows = list(subscribers["rows"])
-    if not sample_every:
-        return ["  subscribers: timing off (time_subscribers=0)"]
-    timed = [row for row in rows if row["estimated_total_seconds"] is not None]
-    timed.sort(key=lambda row: row["estimated_total_seconds"], reverse=True)
-    shown = timed[:top]
-    if not shown:
-        return [f"  subscribers: none ran often enough to be timed (1 dispatch in {sample_every})"]
-    width = min(max(len(escape_control(str(row["id"]))) for row in shown), 60)
-    lines = [
-        f"  top subscribers by estimated time (1 dispatch in {sample_every} timed per event)",
-        f"    {'subscriber':<{width}}  {'event':<20}{'calls':>8}{'mean ms':>11}{'total s':>10}",
-    ]
-    for row in shown:
-        name = escape_control(str(row["id"]))
-        if len(name) > width:
-            name = "..." + name[-(width - 3) :]
-        lines.append(
-            f"    {name:<{width}}  {row['event']:<20}{row['calls']:>8}"
-            f"{row['mean_seconds'] * 1000:>11.4f}{row['estimated_total_seconds']:>10.4f}"
-        )
-    return lines
-
-
-def _size(value: float) -> str:
-    amount = float(value)
-    if amount < 1024:
-        return f"{int(amount)} B"
-    units = ("KiB", "MiB", "GiB", "TiB")
-    index = 0
-    amount /= 1024
-    while amount >= 1024 and index < len(units) - 1:
-        amount /= 1024
-        index += 1
-    return f"{amount:.1f} {units[index]}"

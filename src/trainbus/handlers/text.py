@@ -1,26 +1,11 @@
-"""Text for a terminal: one line per record, whatever names, reasons or errors hold."""
+"""Text for a terminal: re-exported from :mod:`trainbus.events.text`.
+
+The escaping lives in the events layer so the engine and the bus can use it without importing
+handlers; this module keeps the name importable from where handlers and the CLI expect it.
+"""
 
 from __future__ import annotations
 
-_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+from trainbus.events.text import escape_control
 
-
-def escape_control(text: str) -> str:
-    """``text`` with every non-printable character (CR, LF, ESC, ...) written as an escape.
-
-    Run names, metric names, subscriber ids and error messages come from users and files: a
-    carriage return or an ANSI sequence in one of them must not forge or hide a console line.
-    """
-    if text.isprintable():
-        return text
-    return "".join(
-        char if char.isprintable() else _NAMED_ESCAPES.get(char) or _code_escape(char)
-        for char in text
-    )
-
-
-def _code_escape(char: str) -> str:
-    code = ord(char)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+__all__ = ["escape_control"]

@@ -82,6 +82,13 @@ class TrainingCheckpointCallback(Callback):
         self.every_n_steps = every_n_steps
         self.save_on_train_end = save_on_train_end
         self.keep = keep
+        self._clear_run()
+
+    def reset(self) -> None:
+        """Forget the earlier run's last saves and the state it resumed from."""
+        self._clear_run()
+
+    def _clear_run(self) -> None:
         self.last_step: int | None = None
         self.last_boundary: int | None = None
         self._resumed_from: Path | None = None
@@ -121,7 +128,17 @@ class TrainingCheckpointCallback(Callback):
         if kind != "training":
             return
         protect = [checkpoint] if self._resumed_from is None else [checkpoint, self._resumed_from]
-        checkpoints.rotate_training_states(maps, self.keep, protect, owner=self.callback_id)
+        checkpoints.rotate_training_states(
+            maps, self.keep, protect, owner=self.callback_id, sources=self.handler_ids()
+        )
+
+    def handler_ids(self) -> frozenset[str]:
+        """The ids of every handler this callback may have asked for a training state from.
+
+        A state's manifest names the handler that asked for it; the batch-end handler counts
+        even when ``every_n_steps`` is off now, as an earlier run of the MAPS may have had it.
+        """
+        return frozenset(options.id for _, _, options in super().handlers() if options.id)
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.last_step, "last_boundary": self.last_boundary}

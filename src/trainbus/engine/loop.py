@@ -1,0 +1,459 @@
+"""The loop: epochs, batches, accumulation, optimizer steps and evaluation passes.
+
+It announces every step on the bus and knows nothing of files or locks: at each boundary it
+calls the ``boundary`` function it was given, which carries out what the
+:class:`~trainbus.engine.policy.CommandPolicy` allows there. Exact resume needs the loop's
+position, its epoch-start generator states and its loss accumulator: they live here, and
+:mod:`~trainbus.engine.saving` / :mod:`~trainbus.engine.restore` read and set them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from trainbus.engine import distributed as dist_tools
+from trainbus.engine.batches import (
+    detached,
+    detached_all,
+    length,
+    loss_of,
+    numbered,
+    reliable_length,
+    reuses_workers,
+)
+from trainbus.engine.compute import batch_size, move_to
+from trainbus.engine.core import Engine, learning_rates, rates_of
+from trainbus.engine.dispatch import read_only
+from trainbus.engine.metrics import is_better
+from trainbus.engine.policy import Boundary
+from trainbus.engine.resume import (
+    EpochStart,
+    RandomStates,
+    restore_loader_generators,
+    restore_random_states,
+    resumed_iterator,
+)
+from trainbus.errors import DataError, TrainbusWarning
+from trainbus.events.commands import Request, Stop
+
+NONFINITE_SOURCE = "trainbus.nonfinite_loss"
+"""``state.stopped_by`` when a NaN or infinite training loss stopped training."""
+
+BoundaryHook = Callable[[Boundary, str], None]
+
+
+class TrainingLoop:
+    """Runs the training epochs and the evaluation passes of one Trainer."""
+
+    def __init__(self, engine: Engine, boundary: BoundaryHook) -> None:
+        self.engine = engine
+        self.boundary = boundary
+        self.position: dict[str, Any] = {"epoch": 0, "batches_done": 0, "in_epoch": False}
+        self.epoch_start: EpochStart | None = None
+        self.losses: list[torch.Tensor] = []  # since the last log interval, on the device
+        self.train_loader: Iterable[Any] | None = None
+        self.pending_random: RandomStates | None = None
+        self.pending_loader_generators: dict[str, torch.Tensor] | None = None
+        self.skipped_nonfinite = 0
+        self._first_epoch = 0
+
+    @property
+    def fresh(self) -> bool:
+        """Whether no training happened yet: the next ``train()`` starts a new run."""
+        return self.position == {"epoch": 0, "batches_done": 0, "in_epoch": False} and (
+            self.engine.state.get("iteration") == 0
+        )
+
+    # ------------------------------------------------------------------ training
+    def train(self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None) -> None:
+        """Epochs until ``max_epochs`` or a stop; ``train_start`` was emitted by the caller."""
+        engine = self.engine
+        self.train_loader = train_loader
+        self._first_epoch = self.position["epoch"]
+        while self.position["epoch"] < engine.settings.max_epochs and not (
+            engine.policy.stop_requested
+        ):
+            self._run_epoch(train_loader, val_loader)
+
+    def _run_epoch(self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None) -> None:
+        engine = self.engine
+        state, emit, policy = engine.state, engine.dispatcher.emit, engine.policy
+        epoch = self.position["epoch"]
+        num_batches = length(train_loader)
+        changes = {
+            "stage": "train",
+            "current_epoch": epoch,
+            "num_batches": num_batches,
+            **learning_rates(engine.optimizers, read_tensors=False),
+        }
+        if self.position["in_epoch"]:
+            # Resumed in the middle of this epoch: epoch_start fired before the interruption.
+            skip = self.position["batches_done"]
+            state.update(batch_idx=skip - 1, **changes)
+            assert self.epoch_start is not None
+            dist_tools.set_epoch(train_loader, epoch)
+            batches = resumed_iterator(train_loader, self.epoch_start, skip)
+        else:
+            skip = 0
+            state.update(batch_idx=-1, **changes)
+            self.restore_pending_random()
+            self.position = {"epoch": epoch, "batches_done": 0, "in_epoch": True}
+            emit("epoch_start")
+            engine.dispatcher.agree(only_if_due=True)
+            batches = self._epoch_iterator(train_loader, epoch)
+        self.restore_pending_random()
+        completed = self._train_epoch(batches, skip, reliable_length(train_loader))
+        settings = engine.settings
+        last = epoch + 1 == settings.max_epochs or policy.stop_requested
+        if (
+            val_loader is not None
+            and completed
+            and ((epoch + 1) % settings.val_every_n_epochs == 0 or last)
+        ):
+            self._validation(val_loader)
+        state.update(stage="train")
+        if completed:
+            self.position = {"epoch": epoch + 1, "batches_done": 0, "in_epoch": False}
+        # else a stop cut the epoch: the position stays inside it, so a resumable stop
+        # continues with the batches that were left.
+        emit("epoch_end")
+        engine.dispatcher.agree()
+        self.boundary(Boundary.EPOCH, "epoch_end")
+
+    def _epoch_iterator(self, loader: Iterable[Any], epoch: int) -> Iterator[Any]:
+        """The epoch's iterator, its generator states recorded first (see ``EpochStart``)."""
+        dist_tools.set_epoch(loader, epoch)
+        if epoch > 0 and reuses_workers(loader) and getattr(loader, "_iterator", 1) is None:
+            # The uninterrupted run created the worker iterator at epoch 0 and only resets it
+            # since; creating one now draws a base seed before the permutation. It is created
+            # here with the generators put back afterwards, so the permutation is drawn as the
+            # uninterrupted run drew it.
+            before = EpochStart.capture(loader)
+            iter(loader)
+            before.restore(loader)
+        self.epoch_start = EpochStart.capture(loader)
+        return iter(loader)
+
+    def _train_epoch(self, batches: Iterator[Any], first: int, total: int | None) -> bool:
+        """Train on ``batches`` (numbered from ``first``); False when a stop cut it short."""
+        engine = self.engine
+        model, state, policy, dispatcher = (
+            engine.model,
+            engine.state,
+            engine.policy,
+            engine.dispatcher,
+        )
+        emit, emit_skippable = dispatcher.emit, dispatcher.emit_skippable
+        model.train()
+        ddp = engine.forward
+        forward = model.forward_step if ddp is None else ddp
+        world_size = engine.placement.world_size
+        settings = engine.settings
+        accumulate = settings.accumulate_grad_batches
+        log_every = settings.log_every_n_batches
+        skip_nonfinite = settings.nonfinite_loss == "skip"
+        stop_before_epoch = policy.stop_requested
+        policy.open_group = 0
+        seen_any = False
+        for batch_idx, (batch, is_last) in enumerate(numbered(batches, first, total), first):
+            seen_any = True
+            iteration = state.get("iteration") + 1
+            # One change per batch start: samples_seen counts this batch from batch_start on.
+            state.update(
+                batch_idx=batch_idx,
+                iteration=iteration,
+                samples_seen=state.get("samples_seen") + batch_size(batch) * world_size,
+            )
+            loss: torch.Tensor | None = None
+            losses: Mapping[str, torch.Tensor] | None = None
+            if not emit_skippable("batch_start", batch=batch):
+                if engine.moves_batches:
+                    batch = move_to(batch, engine.device)
+                emit("forward_start", batch=batch)
+                if ddp is not None:
+                    # Gradients are averaged across ranks at the backward that closes a group.
+                    ddp.require_backward_grad_sync = policy.open_group + 1 >= accumulate or is_last
+                with engine.precision.autocast():
+                    loss, losses = loss_of(forward(batch))
+                finite = not skip_nonfinite or self._all_finite(loss)
+                if not finite:
+                    self._skip_nonfinite(loss)
+                    self._release_reduction()
+                elif emit_skippable("backward_start", batch=batch, loss=loss, losses=losses):
+                    self._release_reduction()
+                else:
+                    scaled = loss / accumulate if accumulate > 1 else loss
+                    if engine.scaler is not None:
+                        scaled = engine.scaler.scale(scaled)
+                    model.backward_step(scaled)
+                    policy.open_group += 1
+                    emit("backward_end", batch=batch, loss=loss, losses=losses)
+                    if policy.open_group == accumulate or is_last:
+                        self._optimizer_step(policy.open_group)
+                        policy.open_group = 0
+                if finite:
+                    # Kept on the device, summed and read at log intervals only (a host-device
+                    # sync); appending costs no kernel launch per step.
+                    self.losses.append(loss.detach())
+            self.position["batches_done"] = batch_idx + 1
+            log_step = iteration % log_every == 0 or is_last
+            if log_step:
+                self._log_loss()
+            # Distributed: emitted on every rank, so that each knows when to agree, even
+            # where the subscribers that may ask for something run on rank 0 only.
+            if dispatcher.group is not None or engine.bus.has_subscribers("batch_end"):
+                emit("batch_end", batch=batch, loss=detached(loss), losses=detached_all(losses))
+            if dispatcher.group is not None:
+                dispatcher.agree(only_if_due=not log_step)
+            self.boundary(Boundary.STEP, "batch_end")
+            if not stop_before_epoch and policy.ends_epoch:
+                if policy.open_group:
+                    # A final stop drops the open accumulation group.
+                    policy.open_group = 0
+                    engine.zero_grad()
+                return False
+        if policy.open_group:
+            # The last batch was skipped while a group was open: step what was accumulated.
+            self._optimizer_step(policy.open_group)
+            policy.open_group = 0
+            dispatcher.agree(only_if_due=True)
+            self.boundary(Boundary.STEP, "batch_end")
+        if not seen_any and first == 0:
+            self._no_batches()
+        return True
+
+    def _no_batches(self) -> None:
+        epoch = self.position["epoch"]
+        if epoch > self._first_epoch and iter(self.train_loader or ()) is self.train_loader:
+            raise DataError(
+                f"train_loader yielded no batches at epoch {epoch} after yielding batches "
+                f"before: {type(self.train_loader).__name__} is a one-shot iterator (a "
+                "generator?), exhausted by the first epoch; pass something that can be "
+                "iterated again every epoch, such as a DataLoader or a list of batches"
+            )
+        raise DataError(
+            f"train_loader yielded no batches{f' at epoch {epoch}' if epoch else ''}; check "
+            "that the dataset is not empty and that batch_size is not larger than the dataset "
+            "with drop_last=True"
+        )
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (a host-device sync, every step)."""
+        finite = bool(torch.isfinite(loss))
+        group = self.engine.dispatcher.group
+        return finite if group is None else group.all_true(finite)
+
+    def _release_reduction(self) -> None:
+        """After a DDP forward whose backward is skipped: a zero backward ends its reduction.
+
+        DDP expects the backward of a forward that syncs gradients; without one, the next
+        forward fails on every rank. Zero gradients through the parameters (not the loss,
+        which may be NaN) complete it and average what the group accumulated so far.
+        """
+        ddp = self.engine.forward
+        if ddp is None or not ddp.require_backward_grad_sync:
+            return
+        parameters = [p for p in self.engine.model.parameters() if p.requires_grad]
+        torch.stack([p.sum() * 0 for p in parameters]).sum().backward()  # type: ignore[no-untyped-call]
+
+    def _optimizer_step(self, batches_in_group: int) -> None:
+        engine = self.engine
+        settings, optimizers, scaler = engine.settings, engine.optimizers, engine.scaler
+        if batches_in_group != settings.accumulate_grad_batches:
+            # A short last group: gradients were divided by the full group size.
+            _scale_gradients(optimizers, settings.accumulate_grad_batches / batches_in_group)
+        if scaler is not None:
+            for optimizer in optimizers:
+                scaler.unscale_(optimizer)
+        if settings.gradient_clip_val is not None:
+            parameters = [p for o in optimizers for g in o.param_groups for p in g["params"]]
+            if settings.gradient_clip_algorithm == "norm":
+                torch.nn.utils.clip_grad_norm_(parameters, settings.gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_value_(parameters, settings.gradient_clip_val)
+        dispatcher = engine.dispatcher
+        if dispatcher.emit_skippable("optimizer_step_start", optimizers=optimizers):
+            if scaler is not None:
+                scaler.update()
+            engine.zero_grad()
+            return
+        engine.model.optimization_step(optimizers, scaler)
+        if scaler is not None:
+            scaler.update()
+        engine.zero_grad()
+        state = engine.state
+        step = state.get("global_step") + 1
+        rates = rates_of(optimizers)
+        if engine.tensor_rates or rates == state.get("learning_rates"):
+            # Unchanged (the common case), or tensors: comparing those is a host-device sync,
+            # so they are read at log intervals only.
+            state.update(global_step=step)
+        else:
+            rates_now = learning_rates(optimizers, read_tensors=False, rates=rates)
+            state.update(global_step=step, **rates_now)
+        dispatcher.emit("optimizer_step_end", optimizers=optimizers)
+
+    def _skip_nonfinite(self, loss: torch.Tensor) -> None:
+        self.skipped_nonfinite += 1
+        snapshot = self.engine.state.snapshot()
+        warnings.warn(
+            f"the loss of training step {snapshot.iteration} (epoch {snapshot.current_epoch}, "
+            f"batch {snapshot.batch_idx}) is {float(loss.detach())}; the batch was skipped "
+            "(nonfinite_loss='skip'): no backward, no optimizer update",
+            TrainbusWarning,
+            stacklevel=5,
+        )
+
+    def _log_loss(self) -> None:
+        if not self.losses:
+            return
+        engine = self.engine
+        mean_tensor = torch.stack(self.losses).float().mean()
+        group = engine.dispatcher.group
+        if group is not None:
+            mean_tensor = group.mean(mean_tensor)
+        mean = float(mean_tensor.item())  # host-device sync
+        count = len(self.losses)
+        self.losses = []
+        if not math.isfinite(mean) and engine.settings.nonfinite_loss == "stop":
+            last = engine.state.get("iteration")
+            reason = (
+                f"the training loss is {mean} over steps {last - count + 1}-{last} (not "
+                "finite): training stopped instead of going on with broken weights; lower the "
+                "learning rate, clip gradients (gradient_clip_val=...) or check the data, or "
+                "pass nonfinite_loss='skip' to skip such batches"
+            )
+            engine.policy.accept([Request(Stop(reason), NONFINITE_SOURCE, "loss_logged")])
+        engine.state.update(train_loss=mean, **learning_rates(engine.optimizers, read_tensors=True))
+        engine.dispatcher.emit("loss_logged", train_loss=mean)
+
+    def restore_pending_random(self) -> None:
+        """Put every generator back as it was when the resumed state was written."""
+        if self.pending_random is not None:
+            restore_random_states(self.pending_random)
+            self.pending_random = None
+        if self.pending_loader_generators is not None:
+            restore_loader_generators(self.train_loader, self.pending_loader_generators)
+            self.pending_loader_generators = None
+
+    # ---------------------------------------------------------------- evaluation
+    def _validation(self, loader: Iterable[Any]) -> None:
+        engine = self.engine
+        engine.state.update(stage="validation")
+        emit = engine.dispatcher.emit
+        emit("validation_start")
+        metrics = self.evaluation_pass(loader, "val_loader")
+        self._record_metrics(metrics, track_best=True)
+        view = read_only(metrics)
+        emit("metrics_computed", metrics=view)
+        emit("validation_end", metrics=view)
+
+    def evaluation_pass(
+        self, loader: Iterable[Any], name: str, *, after_batch: Callable[[], bool] | None = None
+    ) -> dict[str, float]:
+        """Compute the metrics over ``loader``; ``after_batch`` returning True ends it early."""
+        engine = self.engine
+        model, state, emit = engine.model, engine.state, engine.dispatcher.emit
+        was_training = model.training
+        model.eval()
+        for metric in engine.metrics.values():
+            metric.reset()
+        seen_any = False
+        try:
+            with torch.no_grad():
+                for index, batch in enumerate(loader):
+                    seen_any = True
+                    state.update(batch_idx=index)
+                    emit("evaluation_step_start", batch=batch)
+                    device_batch = move_to(batch, engine.device)
+                    with engine.precision.autocast():
+                        outputs = model.evaluation_step(device_batch)
+                    size = batch_size(device_batch)
+                    for metric in engine.metrics.values():
+                        metric.update(outputs, size)
+                    emit("evaluation_step_end", batch=device_batch, outputs=outputs)
+                    if after_batch is not None and after_batch():
+                        break
+        finally:
+            model.train(was_training)
+        if not seen_any:
+            raise DataError(
+                f"{name} yielded no batches; pass a loader over a non-empty dataset (check "
+                "drop_last with a batch_size larger than the dataset)"
+            )
+        return {metric_name: metric.compute() for metric_name, metric in engine.metrics.items()}
+
+    def _record_metrics(self, metrics: Mapping[str, float], *, track_best: bool) -> None:
+        engine = self.engine
+        state = engine.state
+        changes: dict[str, Any] = {"metrics": dict(metrics)}
+        if track_best:
+            best = dict(state.get("best_metrics"))
+            epochs = dict(state.get("best_epochs"))
+            for metric_name, value in metrics.items():
+                higher = engine.metrics[metric_name].higher_is_better
+                if is_better(value, best.get(metric_name), higher):
+                    best[metric_name] = value
+                    epochs[metric_name] = state.get("current_epoch")
+            changes.update(best_metrics=best, best_epochs=epochs)
+        state.update(**changes)
+
+    def standalone_evaluation(self, stage: str, loader: Iterable[Any]) -> dict[str, float]:
+        """``validate``/``test``: one pass, the metrics announced read-only and returned."""
+        emit = self.engine.dispatcher.emit
+        emit(f"{stage}_start")
+        metrics = self.evaluation_pass(loader, "loader", after_batch=self._evaluation_boundary)
+        self._record_metrics(metrics, track_best=False)
+        view = read_only(metrics)
+        emit("metrics_computed", metrics=view)
+        emit(f"{stage}_end", metrics=view)
+        self.boundary(Boundary.EVALUATION, f"{stage}_end")
+        return metrics
+
+    def _evaluation_boundary(self) -> bool:
+        self.boundary(Boundary.EVALUATION, "evaluation_step_end")
+        return False
+
+    def predict(self, loader: Iterable[Any]) -> list[Any]:
+        """``model.predict_step`` on every batch (a stop ends early); outputs on the CPU."""
+        engine = self.engine
+        model, state, emit, policy = (
+            engine.model,
+            engine.state,
+            engine.dispatcher.emit,
+            engine.policy,
+        )
+        predictions: list[Any] = []
+        emit("predict_start")
+        model.eval()
+        with torch.no_grad():
+            for index, batch in enumerate(loader):
+                state.update(batch_idx=index)
+                emit("evaluation_step_start", batch=batch)
+                device_batch = move_to(batch, engine.device)
+                with engine.precision.autocast():
+                    outputs = model.predict_step(device_batch)
+                emit("evaluation_step_end", batch=device_batch, outputs=outputs)
+                predictions.append(move_to(outputs, torch.device("cpu")))
+                engine.dispatcher.agree(only_if_due=True)
+                self.boundary(Boundary.EVALUATION, "evaluation_step_end")
+                if policy.stop_requested:
+                    break
+        if not predictions:
+            raise DataError("loader yielded no batches; pass a loader over a non-empty dataset")
+        emit("predict_end", predictions=predictions)
+        self.boundary(Boundary.EVALUATION, "predict_end")
+        return predictions
+
+
+def _scale_gradients(optimizers: Iterable[torch.optim.Optimizer], factor: float) -> None:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    parameter.grad.mul_(factor)

@@ -1,0 +1,143 @@
+"""What a command may do at which boundary: the one place that decides.
+
+Handlers return commands (:mod:`trainbus.events.commands`); the loop hands every request here
+and asks, at each boundary, what to carry out. The rules keep a resume exact:
+
+- :class:`~trainbus.Stop` is recorded at once (the first stop is the one reported). The loop
+  leaves the epoch at the end of the current step; a final stop drops an open accumulation
+  group, a resumable stop (a pause) trains on to the end of the group, so that the training
+  state it writes continues exactly.
+- :class:`~trainbus.SkipStep` acts only at the skippable event that returned it; the loop
+  decides it right there.
+- :class:`~trainbus.SaveCheckpoint` (weights) is written at the next boundary: the end of a
+  step, of an epoch, the start or end of training, or an evaluation batch of
+  ``validate``/``test``/``predict``.
+- :class:`~trainbus.SaveTrainingState` is written only where a resume is exact: the end of a
+  step with no accumulation group open, the end of an epoch, the start or end of training.
+  A request made mid-step (at ``batch_start``, or by an event a handler emits there) waits for
+  the step's end; one made outside ``train()`` is dropped with a warning.
+
+Requests emitted with ``Trainer.emit`` follow the same rules as the loop's own events. Every
+request is recorded with its source in the call's record in ``maps.json``.
+"""
+
+from __future__ import annotations
+
+import enum
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from trainbus.engine.state import StateKeeper
+from trainbus.errors import TrainbusWarning
+from trainbus.events.commands import (
+    Request,
+    SaveCheckpoint,
+    SaveTrainingState,
+    SkipStep,
+    Stop,
+    merge,
+)
+
+
+class Boundary(enum.Enum):
+    """A point of a call where requested saves may be carried out."""
+
+    STEP = "step"
+    """After ``batch_end``: the training step is complete."""
+    EPOCH = "epoch"
+    """After ``epoch_end``."""
+    TRAINING = "training"
+    """After ``train_start`` and after ``train_end``."""
+    EVALUATION = "evaluation"
+    """After an evaluation batch or the end event of ``validate``/``test``/``predict``."""
+
+
+class CommandPolicy:
+    """Collects the requests of one call and releases each at a boundary where it is safe."""
+
+    __slots__ = ("_pending", "_record", "_state", "open_group", "training")
+
+    def __init__(self, state: StateKeeper) -> None:
+        self._state = state
+        self._pending: list[Request] = []
+        self._record: list[dict[str, Any]] | None = None
+        self.open_group = 0
+        """Backward passes accumulated since the last optimizer step."""
+        self.training = False
+
+    def begin_call(self, record: list[dict[str, Any]], *, training: bool) -> None:
+        """A call starts clean: no stop or request of an earlier call carries over."""
+        self._pending = []
+        self._record = record
+        self.open_group = 0
+        self.training = training
+        self._state.update(stopped_by=None, stop_reason=None, stop_resumable=False)
+
+    def end_call(self) -> None:
+        """Forget what the call left undone (a request made in ``teardown`` has no boundary)."""
+        self._pending = []
+        self._record = None
+        self.training = False
+
+    def accept(self, requests: Sequence[Request]) -> None:
+        """Take requests the whole world agreed on (in dispatch order)."""
+        state = self._state
+        for request in requests:
+            command = request.command
+            if isinstance(command, Stop) and state.get("stopped_by") is None:
+                state.update(
+                    stopped_by=request.source,
+                    stop_reason=command.reason or f"requested at {request.event}",
+                    stop_resumable=command.resumable,
+                )
+            elif isinstance(command, SaveCheckpoint | SaveTrainingState):
+                self._pending.append(request)
+        if self._record is not None:
+            self._record.extend(
+                {"event": r.event, "source": r.source, "command": repr(r.command)}
+                for r in requests
+                if not isinstance(r.command, SkipStep)
+            )
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a stop was requested during this call."""
+        return self._state.get("stopped_by") is not None
+
+    @property
+    def ends_epoch(self) -> bool:
+        """Whether the loop leaves the epoch now: stopped, and no pause waits for its group."""
+        if self._state.get("stopped_by") is None:
+            return False
+        return not self._state.get("stop_resumable") or self.open_group == 0
+
+    @property
+    def has_pending(self) -> bool:
+        """Whether a save waits for a boundary."""
+        return bool(self._pending)
+
+    def due(self, boundary: Boundary) -> tuple[tuple[Request, ...], Request | None]:
+        """The weights to write at ``boundary``, then the training state to write (or None)."""
+        if not self._pending:
+            return (), None
+        decision = merge(self._pending)
+        self._pending = []
+        training_state = decision.training_state
+        if training_state is None:
+            return decision.saves, None
+        if not self.training:
+            warnings.warn(
+                f"{training_state.source} asked for a training state at "
+                f"{training_state.event!r} outside train(); a training state records a "
+                "training run's position, so none was written (SaveCheckpoint writes weights)",
+                TrainbusWarning,
+                stacklevel=2,
+            )
+            return decision.saves, None
+        if boundary is Boundary.EVALUATION or self.open_group:
+            # Mid-step or inside an accumulation group: the gradients are not part of a
+            # training state, so it waits for the end of the step or of the group.
+            self._pending.append(training_state)
+            return decision.saves, None
+        return decision.saves, training_state

@@ -1,0 +1,501 @@
+"""The Trainer: the public facade over the engine.
+
+It validates its arguments, chooses the callbacks (the defaults, the user's, the plugins'),
+builds the engine's rooms and offers the four calls. Everything that runs lives below it:
+the loop (:mod:`trainbus.engine.loop`), one call's lifecycle (:mod:`trainbus.engine.call`),
+the command policy (:mod:`trainbus.engine.policy`), checkpoint writing
+(:mod:`trainbus.engine.saving`) and resume (:mod:`trainbus.engine.restore`). See
+:mod:`trainbus.events.catalog` for the map of where each event fires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
+
+import torch
+
+from trainbus.engine import checkpoint, record, restore
+from trainbus.engine import distributed as dist_tools
+from trainbus.engine.batches import check_loader
+from trainbus.engine.call import CallRunner
+from trainbus.engine.compute import Precision, resolve_device, resolve_precision, seed_everything
+from trainbus.engine.core import Engine
+from trainbus.engine.loop import TrainingLoop
+from trainbus.engine.maps import MAPS_FILE, Maps
+from trainbus.engine.metrics import BoundMetric, MetricSpec, bind_metrics
+from trainbus.engine.model import Model
+from trainbus.engine.policy import Boundary
+from trainbus.engine.saving import Saver
+from trainbus.engine.settings import LoopSettings, loop_settings, positive_int, recorded_settings
+from trainbus.engine.state import TrainerState
+from trainbus.errors import (
+    ConfigurationError,
+    ConfigurationTypeError,
+    TrainbusError,
+)
+from trainbus.events.bus import EventBus
+from trainbus.events.callback import Callback
+from trainbus.events.catalog import EVENTS
+from trainbus.events.marker import Mark, OnError, Predicate, add_mark
+from trainbus.events.plugins import PluginRecord
+from trainbus.handlers.model_checkpoint import check_tag_conflicts
+from trainbus.registration import (
+    check_metric_names,
+    default_types_named,
+    defaults_choice,
+    kept_defaults,
+    load_plugins,
+    register_callbacks,
+    resolve_callbacks,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Trainer:
+    """Train, validate, test and predict with a :class:`~trainbus.Model`, announcing every step.
+
+    Arguments (every keyword has a default):
+
+    - ``maps``: the experiment directory; it must not exist yet (or be empty) unless
+      ``overwrite=True``. It is created by the first call to train/validate/test/predict.
+    - ``model``: a :class:`~trainbus.Model` (e.g. :class:`~trainbus.SupervisedModel`).
+    - ``metrics``: ``{name: LossMetricConfig | torchmetrics.Metric | TorchMetricConfig}``;
+      default ``{"loss": LossMetricConfig("loss")}``.
+    - ``callbacks``: callbacks to add; an instance of a default callback's type replaces it.
+    - ``default_callbacks``: ``True`` (the defaults), ``False`` (none), the default types to
+      keep, or ``{DefaultType: False}`` to switch single defaults off.
+    - ``max_epochs``, ``val_every_n_epochs``, ``log_every_n_batches``: loop lengths.
+    - ``accumulate_grad_batches``: batches per optimizer step (a short last group is stepped
+      too, with gradients rescaled to a mean over its batches).
+    - ``gradient_clip_val`` / ``gradient_clip_algorithm`` (``"norm"`` or ``"value"``):
+      clipping after unscaling.
+    - ``device`` (``"auto"``, ``"cpu"``, ``"cuda:N"``), ``precision`` (``"32"``, ``"bf16"``,
+      ``"16"``), ``compile`` (``False``, ``True`` or ``torch.compile`` keyword arguments).
+    - ``seed``: seeds Python, NumPy and torch when given (recorded in ``maps.json``);
+      ``deterministic``: deterministic algorithms during each call.
+    - ``nonfinite_loss``: ``"stop"`` (default) ends training at the log interval where a NaN
+      or infinite mean loss shows (no per-step sync), naming the steps; ``"skip"`` checks
+      every step (a host-device sync per step) and skips the update of such a batch.
+    - ``plugins``: ``"auto"`` (every installed plugin package, unless
+      ``TRAINBUS_DISABLE_PLUGIN_AUTOLOAD=1``), ``False``, or the names to load; ``block``:
+      names never to load (checked before import). ``TRAINBUS_PLUGINS=a,b`` in the
+      environment is an allow list. See :mod:`trainbus.events.plugins`.
+    - ``ddp_options``: keyword arguments for ``DistributedDataParallel`` in a run launched by
+      ``torchrun`` (e.g. ``{"find_unused_parameters": True}``); see
+      :mod:`trainbus.engine.distributed`.
+
+    One call runs at a time: ``train``/``validate``/``test``/``predict`` called from a handler
+    or another thread while a call runs is refused. Under ``torchrun`` the same script trains
+    data-parallel: rank 0 writes the MAPS and the logs, every rank trains on its share of each
+    epoch, and ``state.rank`` / ``state.world_size`` say where a handler runs.
+    """
+
+    def __init__(
+        self,
+        maps: str | os.PathLike[str] | Maps,
+        model: Model,
+        metrics: Mapping[str, MetricSpec] | None = None,
+        callbacks: Iterable[Callback] | None = None,
+        *,
+        max_epochs: int = 100,
+        val_every_n_epochs: int = 1,
+        log_every_n_batches: int = 50,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+        device: str | torch.device = "auto",
+        precision: Literal["32", "bf16", "16"] = "32",
+        compile: bool | Mapping[str, Any] = False,
+        seed: int | None = None,
+        deterministic: bool = False,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
+        default_callbacks: bool | Iterable[type[Callback]] | Mapping[type[Callback], bool] = True,
+        overwrite: bool = False,
+        plugins: Literal["auto"] | Sequence[str] | bool = "auto",
+        block: Sequence[str] = (),
+        ddp_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, Model):
+            raise ConfigurationTypeError(
+                f"model={model!r} is not a trainbus.Model; subclass trainbus.Model (forward_step,"
+                " evaluation_step, build_optimizers) or wrap the network in "
+                "SupervisedModel(network, loss)"
+            )
+        settings = loop_settings(
+            max_epochs=max_epochs,
+            val_every_n_epochs=val_every_n_epochs,
+            log_every_n_batches=log_every_n_batches,
+            accumulate_grad_batches=accumulate_grad_batches,
+            gradient_clip_val=gradient_clip_val,
+            gradient_clip_algorithm=gradient_clip_algorithm,
+            compile=compile,
+            deterministic=deterministic,
+            nonfinite_loss=nonfinite_loss,
+        )
+        placement = dist_tools.detect_placement()
+        resolved_device = resolve_device(dist_tools.device_for(placement, device))
+        resolved_precision = resolve_precision(precision, resolved_device)
+        if not isinstance(overwrite, bool):
+            raise ConfigurationTypeError(
+                f"overwrite={overwrite!r} is not a bool; pass overwrite=True to replace an "
+                "existing MAPS, or leave it False"
+            )
+        default_callbacks = defaults_choice(default_callbacks)
+        chosen_seed = None if seed is None else seed_everything(seed)
+        handle = maps if isinstance(maps, Maps) else Maps(maps, overwrite=overwrite)
+        bound_metrics = bind_metrics(metrics)
+        bus = EventBus(rank=placement.rank)
+        plugin_records, loaded = load_plugins(plugins, block)
+        chosen = resolve_callbacks(callbacks, default_callbacks, loaded)
+        check_tag_conflicts(chosen)
+        sources = register_callbacks(
+            bus, chosen, loaded, functools.partial(check_metric_names, metrics=bound_metrics)
+        )
+        self._engine = Engine(
+            settings=settings,
+            model=model,
+            metrics=bound_metrics,
+            callbacks=chosen,
+            sources=sources,
+            bus=bus,
+            maps=handle,
+            placement=placement,
+            device=resolved_device,
+            precision=resolved_precision,
+            seed=chosen_seed,
+            plugins=plugin_records,
+            defaults_kept=[t.__name__ for t in kept_defaults(default_callbacks)],
+            ddp_options=dist_tools.ddp_arguments(ddp_options),
+        )
+        self._saver = Saver(self._engine)
+        self._loop = TrainingLoop(self._engine, self._saver.at_boundary)
+        self._saver.loop = self._loop
+        self._calls = CallRunner(self._engine, self._saver)
+        self._engine.dispatcher.emit("trainer_init")
+
+    @classmethod
+    def from_maps(
+        cls,
+        maps: str | os.PathLike[str],
+        model: Model,
+        metrics: Mapping[str, MetricSpec] | None = None,
+        callbacks: Iterable[Callback] | None = None,
+        *,
+        weights: str | None = None,
+        **overrides: Any,
+    ) -> Trainer:
+        """Rebuild the Trainer of an existing MAPS, to resume its training or evaluate it.
+
+        The loop settings recorded in ``maps.json`` (epochs, accumulation, clipping, precision,
+        seed, ...) are reused; ``overrides`` replace any of them (e.g. ``max_epochs=50`` to
+        train longer). Nothing read back chooses code: the model, metrics and callbacks are
+        objects, passed again, and ``compile``, ``device``, ``plugins`` and ``ddp_options``
+        are taken from the arguments only. ``train()`` then resumes from the newest valid
+        training state; ``weights`` names a model checkpoint (e.g. ``"best-loss"``) to load
+        now, for validate/test/predict.
+        """
+        allowed = {
+            name
+            for name, parameter in inspect.signature(cls.__init__).parameters.items()
+            if parameter.kind is parameter.KEYWORD_ONLY
+        }
+        unknown = sorted(set(overrides) - allowed)
+        if unknown:
+            raise ConfigurationTypeError(
+                f"Trainer.from_maps got unknown settings {unknown}; it takes {sorted(allowed)}"
+            )
+        handle = Maps(maps)
+        reused = recorded_settings(handle)
+        if isinstance(reused.get("default_callbacks"), list):
+            reused["default_callbacks"] = default_types_named(reused["default_callbacks"])
+        try:
+            trainer = cls(handle, model, metrics, callbacks, **{**reused, **overrides})
+        except TrainbusError as exc:
+            exc.add_note(
+                f"trainbus: settings read back from {handle.file(MAPS_FILE)}: "
+                f"{ {k: v for k, v in reused.items() if k not in overrides} }"
+            )
+            raise
+        trainer._engine.adopt_maps = True
+        if weights is not None:
+            checkpoint.load_weights(handle.path, model, tag=weights)
+        return trainer
+
+    # ---------------------------------------------------------------- what it holds
+    @property
+    def state(self) -> TrainerState:
+        """The current state snapshot."""
+        return self._engine.state.snapshot()
+
+    @property
+    def snapshots_built(self) -> int:
+        """How many state snapshots were built (one per change that someone observed)."""
+        return self._engine.state.snapshots_built
+
+    @property
+    def settings(self) -> LoopSettings:
+        """The validated loop settings."""
+        return self._engine.settings
+
+    @property
+    def max_epochs(self) -> int:
+        """Epochs to train for; set it between calls to train a finished run longer."""
+        return self._engine.settings.max_epochs
+
+    @max_epochs.setter
+    def max_epochs(self, value: int) -> None:
+        engine = self._engine
+        if self._calls.running is not None:
+            raise ConfigurationError(
+                f"max_epochs cannot change while {self._calls.running}() runs; set it between calls"
+            )
+        epochs = positive_int("max_epochs", value)
+        engine.settings = dataclasses.replace(engine.settings, max_epochs=epochs)
+        engine.state.update(max_epochs=epochs)
+
+    @property
+    def accumulate_grad_batches(self) -> int:
+        """Batches per optimizer step."""
+        return self._engine.settings.accumulate_grad_batches
+
+    @property
+    def log_every_n_batches(self) -> int:
+        """Training batches between two readings of the loss."""
+        return self._engine.settings.log_every_n_batches
+
+    @property
+    def maps(self) -> Maps:
+        """The experiment directory."""
+        return self._engine.maps
+
+    @property
+    def model(self) -> Model:
+        """The model trained."""
+        return self._engine.model
+
+    @property
+    def metrics(self) -> dict[str, BoundMetric]:
+        """The metrics computed at each evaluation, by name."""
+        return self._engine.metrics
+
+    @property
+    def bus(self) -> EventBus:
+        """This Trainer's event bus."""
+        return self._engine.bus
+
+    @property
+    def callbacks(self) -> list[Callback]:
+        """The callbacks subscribed, defaults and plugins' included, in registration order."""
+        return list(self._engine.callbacks)
+
+    @property
+    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        """The optimizers (built at the first ``train()``)."""
+        return self._engine.optimizers
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The fp16 gradient scaler, if any."""
+        return self._engine.scaler
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model trains."""
+        return self._engine.device
+
+    @property
+    def precision(self) -> Precision:
+        """The arithmetic precision of forward passes."""
+        return self._engine.precision
+
+    @property
+    def seed(self) -> int | None:
+        """The seed given, if any."""
+        return self._engine.seed
+
+    @property
+    def placement(self) -> dist_tools.Placement:
+        """This process's rank and the world size."""
+        return self._engine.placement
+
+    @property
+    def plugins(self) -> list[PluginRecord]:
+        """The plugin load report: one row per plugin found."""
+        return self._engine.plugins
+
+    def describe(self) -> dict[str, Any]:
+        """What ``maps.json`` holds: versions, configuration, dispatch plan and every call."""
+        return record.describe(self._engine)
+
+    def plan(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The dispatch plan as JSON-ready rows (see :meth:`EventBus.plan`)."""
+        return [entry.as_dict() for entry in self._engine.bus.plan(event)]
+
+    # ---------------------------------------------------------------- subscribing
+    def on(
+        self,
+        event: str,
+        *,
+        priority: int = 0,
+        every: int | None = None,
+        once: int | bool | None = None,
+        when: Predicate | None = None,
+        on_error: OnError = "raise",
+        id: str | None = None,
+        before: str | Sequence[str] = (),
+        after: str | Sequence[str] = (),
+        reverse: bool = False,
+        rank_zero_only: bool = False,
+    ) -> Callable[[F], F]:
+        """Decorator: subscribe a function to ``event`` on this trainer's bus.
+
+        ``before``/``after`` name subscriber ids (or callback ids) this one must precede or
+        follow whatever the priorities say; ``reverse=True`` at an end event mirrors the
+        order of the paired start event (see :class:`~trainbus.events.marker.Options`);
+        ``rank_zero_only=True`` calls it on rank 0 only in a run launched by torchrun.
+
+        ::
+
+            @trainer.on("epoch_end", priority=5, every=2)
+            def report(*, state):
+                print(state.current_epoch, dict(state.metrics))
+        """
+
+        def register(function: F) -> F:
+            subscription = self._engine.bus.subscribe(
+                event,
+                function,
+                priority=priority,
+                every=every,
+                once=once,
+                when=when,
+                on_error=on_error,
+                id=id,
+                before=before,
+                after=after,
+                reverse=reverse,
+                source="user",
+                rank_zero_only=rank_zero_only,
+            )
+            return add_mark(function, Mark(event, subscription.options))
+
+        return register
+
+    def emit(self, event: str, /, **payload: Any) -> None:
+        """Emit a custom event (declared with ``trainer.bus.declare``) with its payload names.
+
+        Only inside a call (from a handler, or from code the loop runs), on the thread that
+        runs it. Commands its handlers return follow the loop's rules: a save is carried out
+        at the loop's next boundary (see :mod:`trainbus.engine.policy`).
+        """
+        bus = self._engine.bus
+        spec = bus.spec(event)
+        if event in EVENTS:
+            raise ConfigurationError(
+                f"emit({event!r}): built-in events are announced by the loop only; declare a "
+                "custom event (trainer.bus.declare(EventSpec(...))) and emit that"
+            )
+        given = set(payload)
+        expected = set(spec.payload)
+        if given != expected:
+            raise ConfigurationError(
+                f"emit({event!r}) got payload {sorted(given)}, but the event declares "
+                f"{sorted(expected)} (state, model and maps are added by the trainer)"
+            )
+        self._calls.check_emitting(event)
+        self._engine.dispatcher.emit(event, **payload)
+
+    # ---------------------------------------------------------------- the four calls
+    def train(
+        self,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any] | None = None,
+        *,
+        resume: bool | None = None,
+    ) -> TrainerState:
+        """Train for ``max_epochs`` (or until a handler asks to stop); returns the final state.
+
+        ``resume=True`` continues from the newest valid training state of the MAPS, exactly
+        where it was written (mid-epoch included), or starts afresh when the MAPS does not
+        exist yet; the default is ``True`` for a Trainer built by :meth:`from_maps`.
+        """
+        check_loader("train_loader", train_loader)
+        if val_loader is not None:
+            check_loader("val_loader", val_loader)
+        engine, calls = self._engine, self._calls
+        if resume is None:
+            # Under torchrun, a restart after a worker failed resumes the interrupted run.
+            resume = engine.adopt_maps or (
+                engine.placement.restart_count > 0 and engine.maps.is_maps()
+            )
+        elif not isinstance(resume, bool):
+            raise ConfigurationTypeError(f"resume={resume!r} is not a bool")
+        dispatcher = engine.dispatcher
+        with calls.exclusive("train"), calls.distributed():
+            train_loader = self._calls.shard(train_loader, "train_loader", training=True)
+            if val_loader is not None:
+                val_loader = self._calls.shard(val_loader, "val_loader", training=False)
+            found = (
+                self._saver.on_main(functools.partial(restore.resume_point, engine))
+                if resume
+                else None
+            )
+            self._loop.train_loader = train_loader
+            with dispatcher.signals, calls.lifecycle("train", adopt=found is not None):
+                if engine.prepare_training():
+                    self._saver.on_main(functools.partial(record.write, engine))
+                if found is not None:
+                    restore.restore(engine, self._loop, found, train_loader)
+                elif self._loop.fresh:
+                    for callback in engine.callbacks:
+                        callback.reset()
+                dispatcher.emit("train_start", optimizers=engine.optimizers, bus=engine.bus)
+                if found is not None:
+                    dispatcher.emit("resume", checkpoint=found.path)
+                dispatcher.agree()
+                self._saver.at_boundary(Boundary.TRAINING, "train_start")
+                self._loop.train(train_loader, val_loader)
+                dispatcher.emit("train_end")
+                dispatcher.agree()
+                self._saver.at_boundary(Boundary.TRAINING, "train_end")
+        received = dispatcher.signal_received()
+        if received:
+            # After teardown: logs are flushed and the training state is written.
+            raise SystemExit(128 + received)
+        return self.state
+
+    def validate(self, loader: Iterable[Any]) -> dict[str, float]:
+        """Compute the metrics on ``loader``; returns them as floats."""
+        return self._evaluate("validate", loader)
+
+    def test(self, loader: Iterable[Any]) -> dict[str, float]:
+        """Compute the metrics on a held-out ``loader``; returns them as floats."""
+        return self._evaluate("test", loader)
+
+    def predict(self, loader: Iterable[Any]) -> list[Any]:
+        """Run ``model.predict_step`` on every batch; returns the outputs, moved to the CPU."""
+        check_loader("loader", loader)
+        calls = self._calls
+        with (
+            calls.exclusive("predict"),
+            calls.distributed(),
+            calls.lifecycle("predict", adopt=False),
+        ):
+            self._engine.prepare_model()
+            return self._loop.predict(loader)
+
+    def _evaluate(
+        self, stage: Literal["validate", "test"], loader: Iterable[Any]
+    ) -> dict[str, float]:
+        check_loader("loader", loader)
+        with self._calls.exclusive(stage), self._calls.distributed():
+            loader = self._calls.shard(loader, "loader", training=False)
+            with self._calls.lifecycle(stage, adopt=False):
+                self._engine.prepare_model()
+                return self._loop.standalone_evaluation(stage, loader)
