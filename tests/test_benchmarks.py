@@ -43,14 +43,26 @@ def test_dispatch_benchmark_reports_every_subscriber_count() -> None:
 def test_compare_reports_every_contender_or_says_why_it_is_skipped() -> None:
     result = run_quick("compare.py", "--subscribers", "3")
     lines = result.stdout.splitlines()
+    assert any("lockstep: 60 steps in turns of 20" in line for line in lines), result.stdout
     rows = {line.split()[0]: line.split() for line in lines if line[:1].isalpha()}
-    for name in ("raw", "raw+3", "trainbus+3", "trainbus-defaults"):
+    for name in ("raw", "raw+3", "design+3", "trainbus", "trainbus+3", "trainbus-defaults"):
         assert name in rows, result.stdout
         assert math.isfinite(float(rows[name][1]))  # a smoke run: no timing is asserted
-    assert float(rows["raw"][3]) == 1.0
+        low, high = (float(q) for q in rows[name][3].split("-"))
+        assert low <= float(rows[name][2]) <= high  # the median lies between the quartiles
+    assert float(rows["raw"][2]) == 1.0 and float(rows["raw"][4]) == 0.0
     for peer, contenders in (("ignite", ("ignite+3", "ignite")), ("lightning", ("lightning+3",))):
         skipped = any(line.startswith(f"{peer}: not installed") for line in lines)
         assert skipped or all(name in rows for name in contenders), result.stdout
+
+
+def test_compare_keeps_the_whole_fit_mode() -> None:
+    result = run_quick("compare.py", "--subscribers", "2", "--mode", "whole")
+    rows = {
+        line.split()[0]: line.split() for line in result.stdout.splitlines() if line[:1].isalpha()
+    }
+    assert float(rows["raw"][3]) == 1.0
+    assert math.isfinite(float(rows["trainbus+2"][5]))  # the fixed cost column
 
 
 def test_gpu_check_trains_under_torchrun_with_a_process_group() -> None:

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from trainbus.engine.compute import with_last
 from trainbus.errors import DataError, ModelContractError
-
-
-def numbered(batches: Iterator[Any], first: int, total: int | None) -> Iterator[tuple[Any, bool]]:
-    """Pair each batch with whether it is the epoch's last.
-
-    With a known length nothing is read ahead, so a batch is loaded exactly when the
-    uninterrupted loop would load it (random augmentation in the main process stays exact
-    across a resume); an iterable of unknown length is read one batch ahead.
-    """
-    if total is None:
-        yield from with_last(batches)
-        return
-    for index, batch in enumerate(batches, first):
-        yield batch, index + 1 == total
 
 
 def length(loader: Any) -> int | None:
@@ -46,13 +31,12 @@ def reuses_workers(loader: object) -> bool:
     return isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0
 
 
-def loss_of(output: Any) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
-    """The loss to backpropagate and the named losses (read-only) of ``forward_step``."""
-    losses: Mapping[str, torch.Tensor]
+def loss_of(output: Any) -> torch.Tensor:
+    """The loss to backpropagate from what ``forward_step`` returned (checked)."""
     if isinstance(output, torch.Tensor):
-        loss, losses = output, MappingProxyType({"loss": output})
+        loss = output
     elif isinstance(output, Mapping) and "loss" in output:
-        loss, losses = output["loss"], MappingProxyType(output)
+        loss = output["loss"]
     else:
         raise ModelContractError(
             f"forward_step returned {_describe(output)}; return the loss as a scalar tensor, "
@@ -60,15 +44,20 @@ def loss_of(output: Any) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
         )
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
         raise ModelContractError(
-            f"forward_step returned a loss that is {_describe(loss)}; the loss must be a scalar "
-            "tensor: reduce it, e.g. loss.mean()"
+            f"forward_step returned a loss that is {_describe(loss)}; the loss must be a "
+            "scalar tensor: reduce it, e.g. loss.mean()"
         )
     if not loss.requires_grad:
         raise ModelContractError(
             "forward_step returned a loss that does not require grad; compute it from the "
             "model's parameters, outside torch.no_grad()"
         )
-    return loss, losses
+    return loss
+
+
+def named_losses(output: Any) -> Mapping[str, torch.Tensor]:
+    """The named losses of a checked ``forward_step`` output, as a read-only mapping."""
+    return MappingProxyType({"loss": output} if isinstance(output, torch.Tensor) else output)
 
 
 def _describe(value: Any) -> str:
@@ -79,17 +68,13 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"[:100]
 
 
-def detached(loss: torch.Tensor | None) -> torch.Tensor | None:
-    """The loss without its graph (None stays None)."""
-    return None if loss is None else loss.detach()
-
-
-def detached_all(losses: Mapping[str, torch.Tensor] | None) -> Mapping[str, torch.Tensor] | None:
-    """Every named loss without its graph, as a read-only mapping."""
-    if losses is None:
-        return None
+def detached_all(output: Any) -> Mapping[str, torch.Tensor]:
+    """Every named loss of a ``forward_step`` output without its graph, read-only."""
     return MappingProxyType(
-        {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in losses.items()}
+        {
+            k: v.detach() if isinstance(v, torch.Tensor) else v
+            for k, v in named_losses(output).items()
+        }
     )
 
 

@@ -135,6 +135,9 @@ def batch_size(batch: Any) -> int:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.ndim else 1
     if type(batch) is tuple or type(batch) is list:  # the common case, without ABC checks
+        first = batch[0] if batch else None
+        if type(first) is torch.Tensor and first.ndim:
+            return int(first.shape[0])
         for value in batch:
             size = batch_size(value)
             if size:

@@ -8,7 +8,7 @@ to every rank at the next agreement, so that every rank acts on them at the same
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -26,6 +26,8 @@ class Dispatcher:
 
     __slots__ = (
         "_agreement_due",
+        "_callers",
+        "_stateless",
         "_unshared",
         "agreed_signal",
         "bus",
@@ -49,6 +51,8 @@ class Dispatcher:
         distributed: bool = False,
     ) -> None:
         self.bus = bus
+        self._callers = bus.callers
+        self._stateless = bus.stateless
         self.distributed = distributed
         self.state = state
         self.model = model
@@ -60,16 +64,21 @@ class Dispatcher:
         self._unshared: list[Request] = []
         self._agreement_due = False
 
-    def emit(self, event: str, **extra: Any) -> list[Request]:
-        """Call the subscribers of ``event``; returns their requests (already handed on)."""
-        subscribers = self.bus.dispatch_order(event)
+    def fire(self, event: str, *payload: Any) -> list[Request] | None:
+        """Call the subscribers of ``event`` with its payload in the catalogue's order.
+
+        The hot path of the loop: one lookup when nobody listens (no snapshot is built), else
+        the bus's generated caller (:mod:`trainbus.events.callers`). Returns the requests,
+        already handed to the policy (or kept for the next agreement across ranks).
+        """
+        call = self._callers.get(event)
         if self.group is not None and self.bus.may_command(event):
             self._agreement_due = True
-        if not subscribers:
-            return []
-        payload = {"state": self.state.snapshot(), "model": self.model, "maps": self.maps}
-        payload.update(extra)
-        requests = self.bus.dispatch(event, subscribers, payload)
+        if call is None:
+            return None
+        # A snapshot is built only for subscribers that read it.
+        state = None if event in self._stateless else self.state.snapshot()
+        requests: list[Request] | None = call(state, self.model, self.maps, *payload)
         if requests:
             if self.group is None:
                 self.policy.accept(requests)
@@ -77,11 +86,49 @@ class Dispatcher:
                 self._unshared.extend(requests)
         return requests
 
-    def emit_skippable(self, event: str, **extra: Any) -> bool:
-        """Emit ``event``; True when a handler (on any rank) asked to skip the step."""
-        requests = self.emit(event, **extra)
+    def local_fire(self) -> tuple[Callable[..., list[Request] | None], Callable[..., bool]]:
+        """:meth:`fire` and :meth:`fire_skippable` for one process, with every lookup bound.
+
+        For the loop's hot path when no process group is open: the same behaviour, without the
+        attribute reads of the general methods.
+        """
+        if self.group is not None:
+            return self.fire, self.fire_skippable
+        callers, stateless = self._callers, self._stateless
+        snapshot, model, maps, accept = (
+            self.state.snapshot,
+            self.model,
+            self.maps,
+            self.policy.accept,
+        )
+
+        def fire(event: str, *payload: Any) -> list[Request] | None:
+            call = callers.get(event)
+            if call is None:
+                return None
+            requests: list[Request] | None = call(
+                None if event in stateless else snapshot(), model, maps, *payload
+            )
+            if requests:
+                accept(requests)
+            return requests
+
+        def fire_skippable(event: str, *payload: Any) -> bool:
+            requests = fire(event, *payload)
+            return bool(requests) and merge(requests).skip is not None  # type: ignore[arg-type]
+
+        return fire, fire_skippable
+
+    def emit(self, event: str, **extra: Any) -> list[Request] | None:
+        """:meth:`fire` with the payload by name (for events off the hot path)."""
+        names = self.bus.spec(event).payload
+        return self.fire(event, *(extra[name] for name in names))
+
+    def fire_skippable(self, event: str, *payload: Any) -> bool:
+        """Fire ``event``; True when a handler (on any rank) asked to skip the step."""
+        requests = self.fire(event, *payload)
         if self.group is None:
-            return bool(requests) and merge(requests).skip is not None
+            return bool(requests) and merge(requests).skip is not None  # type: ignore[arg-type]
         if not self.bus.may_command(event):
             return False
         agreed = self.agree()

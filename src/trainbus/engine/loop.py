@@ -18,18 +18,18 @@ import torch
 
 from trainbus.engine import distributed as dist_tools
 from trainbus.engine.batches import (
-    detached,
     detached_all,
     length,
     loss_of,
-    numbered,
+    named_losses,
     reliable_length,
     reuses_workers,
 )
-from trainbus.engine.compute import batch_size, move_to
+from trainbus.engine.compute import batch_size, move_to, with_last
 from trainbus.engine.core import Engine, learning_rates, rates_of
 from trainbus.engine.dispatch import read_only
 from trainbus.engine.metrics import is_better
+from trainbus.engine.model import Model
 from trainbus.engine.policy import Boundary
 from trainbus.engine.resume import (
     EpochStart,
@@ -140,7 +140,13 @@ class TrainingLoop:
         return iter(loader)
 
     def _train_epoch(self, batches: Iterator[Any], first: int, total: int | None) -> bool:
-        """Train on ``batches`` (numbered from ``first``); False when a stop cut it short."""
+        """Train on ``batches`` (numbered from ``first``); False when a stop cut it short.
+
+        The hot path: what a step reads is bound to locals first; an event nobody subscribed
+        to costs one lookup (and, under torchrun, goes through :meth:`Dispatcher.fire` for the
+        agreement); a subscribed one calls the bus's generated caller directly; named losses
+        are built and detached only for subscribers that ask for them.
+        """
         engine = self.engine
         model, state, policy, dispatcher = (
             engine.model,
@@ -148,43 +154,64 @@ class TrainingLoop:
             engine.policy,
             engine.dispatcher,
         )
-        emit, emit_skippable = dispatcher.emit, dispatcher.emit_skippable
+        fire, fire_skippable = dispatcher.local_fire()
+        callers, wanted = engine.bus.callers, engine.bus.wanted
+        distributed = dispatcher.group is not None
+        signals = dispatcher.signals
+        pending, values = policy.pending, state.values
+        begin_batch, track = state.begin_batch, self.losses.append
         model.train()
         ddp = engine.forward
         forward = model.forward_step if ddp is None else ddp
+        autocast = engine.precision.autocast if engine.precision.dtype is not None else None
         world_size = engine.placement.world_size
         settings = engine.settings
         accumulate = settings.accumulate_grad_batches
         log_every = settings.log_every_n_batches
         skip_nonfinite = settings.nonfinite_loss == "skip"
+        moves_batches, device = engine.moves_batches, engine.device
         stop_before_epoch = policy.stop_requested
         policy.open_group = 0
+        step = self._step_function()
         seen_any = False
-        for batch_idx, (batch, is_last) in enumerate(numbered(batches, first, total), first):
+        known = total is not None
+        source = enumerate(batches, first) if known else enumerate(with_last(batches), first)
+        for batch_idx, item in source:
+            if known:
+                batch, is_last = item, batch_idx + 1 == total
+            else:
+                batch, is_last = item
             seen_any = True
-            iteration = state.get("iteration") + 1
             # One change per batch start: samples_seen counts this batch from batch_start on.
-            state.update(
-                batch_idx=batch_idx,
-                iteration=iteration,
-                samples_seen=state.get("samples_seen") + batch_size(batch) * world_size,
-            )
+            iteration = begin_batch(batch_idx, batch_size(batch) * world_size)
             loss: torch.Tensor | None = None
-            losses: Mapping[str, torch.Tensor] | None = None
-            if not emit_skippable("batch_start", batch=batch):
-                if engine.moves_batches:
-                    batch = move_to(batch, engine.device)
-                emit("forward_start", batch=batch)
+            output: Any = None
+            if not (
+                (distributed or "batch_start" in callers) and fire_skippable("batch_start", batch)
+            ):
+                if moves_batches:
+                    batch = move_to(batch, device)
+                if distributed or "forward_start" in callers:
+                    fire("forward_start", batch)
                 if ddp is not None:
                     # Gradients are averaged across ranks at the backward that closes a group.
                     ddp.require_backward_grad_sync = policy.open_group + 1 >= accumulate or is_last
-                with engine.precision.autocast():
-                    loss, losses = loss_of(forward(batch))
+                if autocast is None:
+                    output = forward(batch)
+                else:
+                    with autocast():
+                        output = forward(batch)
+                loss = loss_of(output)
                 finite = not skip_nonfinite or self._all_finite(loss)
                 if not finite:
                     self._skip_nonfinite(loss)
                     self._release_reduction()
-                elif emit_skippable("backward_start", batch=batch, loss=loss, losses=losses):
+                elif (distributed or "backward_start" in callers) and fire_skippable(
+                    "backward_start",
+                    batch,
+                    loss,
+                    named_losses(output) if "losses" in wanted.get("backward_start", ()) else None,
+                ):
                     self._release_reduction()
                 else:
                     scaled = loss / accumulate if accumulate > 1 else loss
@@ -192,26 +219,40 @@ class TrainingLoop:
                         scaled = engine.scaler.scale(scaled)
                     model.backward_step(scaled)
                     policy.open_group += 1
-                    emit("backward_end", batch=batch, loss=loss, losses=losses)
+                    if distributed or "backward_end" in callers:
+                        asked = wanted.get("backward_end", ())
+                        fire(
+                            "backward_end",
+                            batch,
+                            loss,
+                            named_losses(output) if "losses" in asked else None,
+                        )
                     if policy.open_group == accumulate or is_last:
-                        self._optimizer_step(policy.open_group)
+                        step(policy.open_group)
                         policy.open_group = 0
                 if finite:
                     # Kept on the device, summed and read at log intervals only (a host-device
                     # sync); appending costs no kernel launch per step.
-                    self.losses.append(loss.detach())
+                    track(loss.detach())
             self.position["batches_done"] = batch_idx + 1
             log_step = iteration % log_every == 0 or is_last
             if log_step:
                 self._log_loss()
             # Distributed: emitted on every rank, so that each knows when to agree, even
             # where the subscribers that may ask for something run on rank 0 only.
-            if dispatcher.group is not None or engine.bus.has_subscribers("batch_end"):
-                emit("batch_end", batch=batch, loss=detached(loss), losses=detached_all(losses))
-            if dispatcher.group is not None:
+            if distributed or "batch_end" in callers:
+                asked = wanted.get("batch_end", ())
+                fire(
+                    "batch_end",
+                    batch,
+                    None if loss is None or "loss" not in asked else loss.detach(),
+                    None if loss is None or "losses" not in asked else detached_all(output),
+                )
+            if distributed:
                 dispatcher.agree(only_if_due=not log_step)
-            self.boundary(Boundary.STEP, "batch_end")
-            if not stop_before_epoch and policy.ends_epoch:
+            if pending or signals.received or dispatcher.agreed_signal:
+                self.boundary(Boundary.STEP, "batch_end")
+            if values["stopped_by"] is not None and not stop_before_epoch and policy.ends_epoch:
                 if policy.open_group:
                     # A final stop drops the open accumulation group.
                     policy.open_group = 0
@@ -219,7 +260,7 @@ class TrainingLoop:
                 return False
         if policy.open_group:
             # The last batch was skipped while a group was open: step what was accumulated.
-            self._optimizer_step(policy.open_group)
+            step(policy.open_group)
             policy.open_group = 0
             dispatcher.agree(only_if_due=True)
             self.boundary(Boundary.STEP, "batch_end")
@@ -261,6 +302,56 @@ class TrainingLoop:
         parameters = [p for p in self.engine.model.parameters() if p.requires_grad]
         torch.stack([p.sum() * 0 for p in parameters]).sum().backward()  # type: ignore[no-untyped-call]
 
+    def _step_function(self) -> Callable[[int], None]:
+        """The optimizer step for this epoch: a direct one in the common case.
+
+        The common case (one optimizer, no loss scaling, clipping or accumulation, the model's
+        ``optimization_step`` not overridden, one process) steps the optimizer itself;
+        anything else goes through :meth:`_optimizer_step`, which calls the model's
+        ``optimization_step``. Both announce the same events.
+        """
+        engine = self.engine
+        optimizers = engine.optimizers
+        overridden = type(engine.model).optimization_step is not Model.optimization_step
+        if (
+            overridden
+            or len(optimizers) != 1
+            or engine.scaler is not None
+            or engine.settings.gradient_clip_val is not None
+            or engine.settings.accumulate_grad_batches != 1
+            or engine.dispatcher.group is not None
+        ):
+            return self._optimizer_step
+        optimizer = optimizers[0]
+        groups = optimizer.param_groups
+        state, callers = engine.state, engine.bus.callers
+        values = state.values
+        fire, fire_skippable = engine.dispatcher.local_fire()
+
+        def step(batches_in_group: int) -> None:
+            if "optimizer_step_start" in callers and fire_skippable(
+                "optimizer_step_start", optimizers
+            ):
+                optimizer.zero_grad(set_to_none=True)
+                return
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step_done()
+            if not engine.tensor_rates:
+                # Comparing tensor learning rates would be a host-device sync: they are read
+                # at log intervals only.
+                if len(groups) == 1:
+                    changed = (groups[0]["lr"],) != values["learning_rates"]
+                else:
+                    changed = tuple([group["lr"] for group in groups]) != values["learning_rates"]
+                if changed:
+                    rates = [float(group["lr"]) for group in groups]
+                    state.update(learning_rates=tuple(rates))
+            if "optimizer_step_end" in callers:
+                fire("optimizer_step_end", optimizers)
+
+        return step
+
     def _optimizer_step(self, batches_in_group: int) -> None:
         engine = self.engine
         settings, optimizers, scaler = engine.settings, engine.optimizers, engine.scaler
@@ -277,7 +368,7 @@ class TrainingLoop:
             else:
                 torch.nn.utils.clip_grad_value_(parameters, settings.gradient_clip_val)
         dispatcher = engine.dispatcher
-        if dispatcher.emit_skippable("optimizer_step_start", optimizers=optimizers):
+        if dispatcher.fire_skippable("optimizer_step_start", optimizers):
             if scaler is not None:
                 scaler.update()
             engine.zero_grad()
@@ -286,17 +377,14 @@ class TrainingLoop:
         if scaler is not None:
             scaler.update()
         engine.zero_grad()
-        state = engine.state
-        step = state.get("global_step") + 1
-        rates = rates_of(optimizers)
-        if engine.tensor_rates or rates == state.get("learning_rates"):
-            # Unchanged (the common case), or tensors: comparing those is a host-device sync,
-            # so they are read at log intervals only.
-            state.update(global_step=step)
-        else:
-            rates_now = learning_rates(optimizers, read_tensors=False, rates=rates)
-            state.update(global_step=step, **rates_now)
-        dispatcher.emit("optimizer_step_end", optimizers=optimizers)
+        engine.state.step_done()
+        if not engine.tensor_rates:
+            # Comparing tensor learning rates would be a host-device sync: they are read at
+            # log intervals only.
+            rates = rates_of(optimizers)
+            if rates != engine.state.get("learning_rates"):
+                engine.state.update(learning_rates=tuple(float(rate) for rate in rates))
+        dispatcher.fire("optimizer_step_end", optimizers)
 
     def _skip_nonfinite(self, loss: torch.Tensor) -> None:
         self.skipped_nonfinite += 1
@@ -319,7 +407,7 @@ class TrainingLoop:
             mean_tensor = group.mean(mean_tensor)
         mean = float(mean_tensor.item())  # host-device sync
         count = len(self.losses)
-        self.losses = []
+        self.losses.clear()
         if not math.isfinite(mean) and engine.settings.nonfinite_loss == "stop":
             last = engine.state.get("iteration")
             reason = (
@@ -358,7 +446,7 @@ class TrainingLoop:
     ) -> dict[str, float]:
         """Compute the metrics over ``loader``; ``after_batch`` returning True ends it early."""
         engine = self.engine
-        model, state, emit = engine.model, engine.state, engine.dispatcher.emit
+        model, state, fire = engine.model, engine.state, engine.dispatcher.fire
         was_training = model.training
         model.eval()
         for metric in engine.metrics.values():
@@ -369,14 +457,14 @@ class TrainingLoop:
                 for index, batch in enumerate(loader):
                     seen_any = True
                     state.update(batch_idx=index)
-                    emit("evaluation_step_start", batch=batch)
+                    fire("evaluation_step_start", batch)
                     device_batch = move_to(batch, engine.device)
                     with engine.precision.autocast():
                         outputs = model.evaluation_step(device_batch)
                     size = batch_size(device_batch)
                     for metric in engine.metrics.values():
                         metric.update(outputs, size)
-                    emit("evaluation_step_end", batch=device_batch, outputs=outputs)
+                    fire("evaluation_step_end", device_batch, outputs)
                     if after_batch is not None and after_batch():
                         break
         finally:
@@ -422,23 +510,19 @@ class TrainingLoop:
     def predict(self, loader: Iterable[Any]) -> list[Any]:
         """``model.predict_step`` on every batch (a stop ends early); outputs on the CPU."""
         engine = self.engine
-        model, state, emit, policy = (
-            engine.model,
-            engine.state,
-            engine.dispatcher.emit,
-            engine.policy,
-        )
+        model, state, policy = engine.model, engine.state, engine.policy
+        emit, fire = engine.dispatcher.emit, engine.dispatcher.fire
         predictions: list[Any] = []
         emit("predict_start")
         model.eval()
         with torch.no_grad():
             for index, batch in enumerate(loader):
                 state.update(batch_idx=index)
-                emit("evaluation_step_start", batch=batch)
+                fire("evaluation_step_start", batch)
                 device_batch = move_to(batch, engine.device)
                 with engine.precision.autocast():
                     outputs = model.predict_step(device_batch)
-                emit("evaluation_step_end", batch=device_batch, outputs=outputs)
+                fire("evaluation_step_end", device_batch, outputs)
                 predictions.append(move_to(outputs, torch.device("cpu")))
                 engine.dispatcher.agree(only_if_due=True)
                 self.boundary(Boundary.EVALUATION, "evaluation_step_end")

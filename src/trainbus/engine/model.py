@@ -100,9 +100,18 @@ class SupervisedModel(Model):
                 f"optimizer={optimizer!r} is not an optimizer class or factory; pass e.g. "
                 "functools.partial(torch.optim.SGD, lr=0.1)"
             )
+        self._step_network: nn.Module
+        self._step_loss: nn.Module | LossFunction
         self.network = network
         self.loss = loss
         self.optimizer_factory = optimizer
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in ("network", "loss"):
+            # Read at every step: a plain instance attribute costs a dict lookup, where a
+            # submodule read through nn.Module.__getattr__ costs a Python call.
+            self.__dict__[f"_step_{name}"] = value
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """The network's output for ``inputs``."""
@@ -112,7 +121,7 @@ class SupervisedModel(Model):
     def forward_step(self, batch: Any) -> StepOutput:
         """The loss of one ``(inputs, target)`` batch."""
         inputs, target = _split(batch)
-        loss: torch.Tensor = self.loss(self.network(inputs), target)
+        loss: torch.Tensor = self._step_loss(self._step_network(inputs), target)
         return loss
 
     def evaluation_step(self, batch: Any) -> Mapping[str, Any]:

@@ -56,11 +56,12 @@ class Boundary(enum.Enum):
 class CommandPolicy:
     """Collects the requests of one call and releases each at a boundary where it is safe."""
 
-    __slots__ = ("_pending", "_record", "_state", "open_group", "training")
+    __slots__ = ("_record", "_state", "open_group", "pending", "training")
 
     def __init__(self, state: StateKeeper) -> None:
         self._state = state
-        self._pending: list[Request] = []
+        self.pending: list[Request] = []
+        """Saves waiting for a boundary (one list for the policy's life: the loop holds it)."""
         self._record: list[dict[str, Any]] | None = None
         self.open_group = 0
         """Backward passes accumulated since the last optimizer step."""
@@ -68,7 +69,7 @@ class CommandPolicy:
 
     def begin_call(self, record: list[dict[str, Any]], *, training: bool) -> None:
         """A call starts clean: no stop or request of an earlier call carries over."""
-        self._pending = []
+        self.pending.clear()
         self._record = record
         self.open_group = 0
         self.training = training
@@ -76,7 +77,7 @@ class CommandPolicy:
 
     def end_call(self) -> None:
         """Forget what the call left undone (a request made in ``teardown`` has no boundary)."""
-        self._pending = []
+        self.pending.clear()
         self._record = None
         self.training = False
 
@@ -92,7 +93,7 @@ class CommandPolicy:
                     stop_resumable=command.resumable,
                 )
             elif isinstance(command, SaveCheckpoint | SaveTrainingState):
-                self._pending.append(request)
+                self.pending.append(request)
         if self._record is not None:
             self._record.extend(
                 {"event": r.event, "source": r.source, "command": repr(r.command)}
@@ -115,14 +116,14 @@ class CommandPolicy:
     @property
     def has_pending(self) -> bool:
         """Whether a save waits for a boundary."""
-        return bool(self._pending)
+        return bool(self.pending)
 
     def due(self, boundary: Boundary) -> tuple[tuple[Request, ...], Request | None]:
         """The weights to write at ``boundary``, then the training state to write (or None)."""
-        if not self._pending:
+        if not self.pending:
             return (), None
-        decision = merge(self._pending)
-        self._pending = []
+        decision = merge(self.pending)
+        self.pending.clear()
         training_state = decision.training_state
         if training_state is None:
             return decision.saves, None
@@ -138,6 +139,6 @@ class CommandPolicy:
         if boundary is Boundary.EVALUATION or self.open_group:
             # Mid-step or inside an accumulation group: the gradients are not part of a
             # training state, so it waits for the end of the step or of the group.
-            self._pending.append(training_state)
+            self.pending.append(training_state)
             return decision.saves, None
         return decision.saves, training_state

@@ -10,6 +10,7 @@ times sampled dispatches, and collects the commands handlers return.
 
 from __future__ import annotations
 
+import functools
 import time
 import traceback
 import warnings
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainbus.errors import CommandError, ConfigurationTypeError, HandlerFailureWarning
+from trainbus.events.callers import Caller, can_generate, general, generate
 from trainbus.events.catalog import EventSpec
 from trainbus.events.commands import Command, Request, SkipStep
 from trainbus.events.registry import SubscriptionRegistry
@@ -53,7 +55,8 @@ __all__ = [
 @dataclass(slots=True)
 class _Accounting:
     sample_every: int = 0
-    dispatches: dict[str, int] = field(default_factory=dict)
+    # Dispatches per event while sampling: one-item lists, shared with the generated callers.
+    ticks: dict[str, list[int]] = field(default_factory=dict)
 
 
 class EventBus(SubscriptionRegistry):
@@ -64,9 +67,63 @@ class EventBus(SubscriptionRegistry):
     """
 
     def __init__(self, *, rank: int = 0) -> None:
-        super().__init__(rank=rank)
         self._accounting = _Accounting()
         self.failures: list[HandlerFailure] = []
+        self.callers: dict[str, Caller] = {}
+        self.wanted: dict[str, frozenset[str]] = {}
+        """Per event with subscribers on this rank: the payload names they ask for."""
+        self.stateless: set[str] = set()
+        """Events whose callers never read ``state``: the emitter may pass None for it."""
+        """Per event with subscribers on this rank: a function taking the payload positionally
+        (``state, model, maps``, then the event's names in catalogue order) that dispatches it
+        and returns the requests (None or a list); see :mod:`trainbus.events.callers`."""
+        super().__init__(rank=rank)
+
+    def _refresh_caller(self, event: str) -> None:
+        subscribers = self._order.get(event)
+        self.stateless.discard(event)
+        if not subscribers:
+            self.callers.pop(event, None)
+            self.wanted.pop(event, None)
+            return
+        spec = self._specs[event]
+        names = ("state", "model", "maps", *spec.payload)
+        self.wanted[event] = frozenset(
+            name for s in subscribers for name in (names if s.wants is None else s.wants)
+        )
+        fast = self._fast.get(event)
+        if fast is None or not can_generate(names):
+            self.callers[event] = general(
+                names, functools.partial(self.dispatch, event, subscribers)
+            )
+            return
+        specs = self._specs
+
+        def collect(found: list[Request] | None, result: object, index: int) -> list[Request]:
+            found = [] if found is None else found
+            found.extend(_requests(result, subscribers[index], spec, specs))
+            return found
+
+        def fail(error: Exception, index: int) -> None:
+            self._fast_failure(event, fast, subscribers[index], error)
+
+        every = self._accounting.sample_every
+        sampled = None
+        if every:
+            tick = self._accounting.ticks.setdefault(event, [0])
+            timed = functools.partial(self._dispatch_general, event, subscribers, timed=True)
+            sampled = (tick, every, timed)
+        if "state" not in self.wanted[event]:
+            self.stateless.add(event)
+        self.callers[event] = generate(
+            event,
+            names,
+            subscribers,
+            counter=fast.counter,
+            collect=collect,
+            fail=fail,
+            sampled=sampled,
+        )
 
     # --------------------------------------------------------------- dispatch
     def dispatch_order(self, event: str) -> tuple[Subscription, ...]:
@@ -104,9 +161,9 @@ class EventBus(SubscriptionRegistry):
         """
         accounting = self._accounting
         if accounting.sample_every:
-            count = accounting.dispatches.get(event, 0) + 1
-            accounting.dispatches[event] = count
-            timed = count % accounting.sample_every == 0
+            tick = accounting.ticks.setdefault(event, [0])
+            tick[0] += 1
+            timed = tick[0] % accounting.sample_every == 0
         else:
             timed = False
         fast = self._fast.get(event)
@@ -130,6 +187,12 @@ class EventBus(SubscriptionRegistry):
                 self._fast_failure(event, fast, current, exc)
                 raise
             return [] if found is None else found
+        return self._dispatch_general(event, subscribers, payload, timed=timed)
+
+    def _dispatch_general(
+        self, event: str, subscribers: tuple[Subscription, ...], payload: Payload, *, timed: bool
+    ) -> list[Request]:
+        """Filters, the error policy and (when ``timed``) each handler's time, per call."""
         counter = 0
         filtered = any(s.filtered for s in subscribers)
         if filtered:
@@ -271,6 +334,8 @@ class EventBus(SubscriptionRegistry):
                 f"sample_every={sample_every!r} is not a non-negative int; 0 turns timing off"
             )
         self._accounting.sample_every = sample_every
+        for event in list(self._order):
+            self._refresh_caller(event)
 
 
 def _requests(

@@ -322,9 +322,13 @@ class SubscriptionRegistry:
             for subscription in active:
                 subscription.fast_counter = counter
             self._fast[event] = FastPlan(active, tuple(groups), counter, len(groups) == 1)
+        self._refresh_caller(event)
         for end, start in PAIRED_START.items():
             if start == event and end in self._full_order:
                 self._rebuild(end)  # reversed subscribers of the end event mirror this one
+
+    def _refresh_caller(self, event: str) -> None:
+        """Hook: the event's subscriptions changed (the dispatching bus regenerates its caller)."""
 
     def _resolve_order(self, event: str) -> tuple[Subscription, ...]:
         """Priorities (mirrored for ``reverse``), then ``before``/``after`` constraints."""
