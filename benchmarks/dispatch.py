@@ -37,15 +37,21 @@ PAYLOAD = {
 
 
 def measure(subscribers: int, number: int, repeat: int) -> float:
-    """Seconds per dispatch of ``batch_end`` with ``subscribers`` no-op handlers."""
+    """Seconds per dispatch of ``batch_end`` with ``subscribers`` no-op handlers.
+
+    As the loop dispatches: one lookup of the event's generated caller, then the payload
+    passed positionally to it.
+    """
     bus = EventBus()
     for index in range(subscribers):
         bus.subscribe("batch_end", _noop, id=f"noop-{index}")
+    callers = bus.callers
+    state, model, maps, batch, loss, losses = PAYLOAD.values()
 
     def dispatch_once() -> None:
-        order = bus.dispatch_order("batch_end")
-        if order:
-            bus.dispatch("batch_end", order, PAYLOAD)
+        call = callers.get("batch_end")
+        if call is not None:
+            call(state, model, maps, batch, loss, losses)
 
     return min(timeit.repeat(dispatch_once, number=number, repeat=repeat)) / number
 

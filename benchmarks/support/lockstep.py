@@ -58,6 +58,7 @@ class StepClock:
     turn: int
     warmup: int
     steps: list[float | None] = field(default_factory=list)
+    finished: bool = False
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -78,6 +79,14 @@ class StepClock:
         now = time.thread_time()
         counted = (len(self.batches) - 1) % self.turn >= self.warmup
         self.steps.append(now - last if counted else None)
+        self.finish()
+
+    def finish(self) -> None:
+        """Leave the round (once); a runner that never asked past the last batch ends here."""
+        if self.finished:
+            return
+        self.finished = True
+        self.steps.extend([None] * (len(self.batches) - len(self.steps)))
         self.baton.pass_on(self.name, leave=True)
 
 
@@ -100,7 +109,8 @@ def run_lockstep(
             runners[name](make_network(), clocks[name])  # type: ignore[arg-type]
         except BaseException as exc:
             failures[name] = exc
-            baton.pass_on(name, leave=True)
+        finally:
+            clocks[name].finish()
 
     threads = [threading.Thread(target=train, args=(name,), name=name) for name in names]
     for thread in threads:

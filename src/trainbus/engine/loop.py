@@ -173,6 +173,7 @@ class TrainingLoop:
         stop_before_epoch = policy.stop_requested
         policy.open_group = 0
         step = self._step_function()
+        position = self.position
         seen_any = False
         known = total is not None
         source = enumerate(batches, first) if known else enumerate(with_last(batches), first)
@@ -201,7 +202,10 @@ class TrainingLoop:
                 else:
                     with autocast():
                         output = forward(batch)
-                loss = loss_of(output)
+                if type(output) is torch.Tensor and output.ndim == 0 and output.requires_grad:
+                    loss = output  # the common case, checked without a call
+                else:
+                    loss = loss_of(output)
                 finite = not skip_nonfinite or self._all_finite(loss)
                 if not finite:
                     self._skip_nonfinite(loss)
@@ -234,7 +238,7 @@ class TrainingLoop:
                     # Kept on the device, summed and read at log intervals only (a host-device
                     # sync); appending costs no kernel launch per step.
                     track(loss.detach())
-            self.position["batches_done"] = batch_idx + 1
+            position["batches_done"] = batch_idx + 1
             log_step = iteration % log_every == 0 or is_last
             if log_step:
                 self._log_loss()
