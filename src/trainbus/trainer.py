@@ -488,7 +488,7 @@ class Trainer:
             calls.lifecycle("predict", adopt=False),
         ):
             self._engine.prepare_model()
-            return self._loop.predict(loader)
+            return self._loop.evaluation.predict(loader)
 
     def _evaluate(
         self, stage: Literal["validate", "test"], loader: Iterable[Any]
@@ -498,4 +498,4 @@ class Trainer:
             loader = self._calls.shard(loader, "loader", training=False)
             with self._calls.lifecycle(stage, adopt=False):
                 self._engine.prepare_model()
-                return self._loop.standalone_evaluation(stage, loader)
+                return self._loop.evaluation.standalone(stage, loader)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from trainbus.engine.state import StateKeeper
@@ -51,6 +51,10 @@ class Boundary(enum.Enum):
     """After ``train_start`` and after ``train_end``."""
     EVALUATION = "evaluation"
     """After an evaluation batch or the end event of ``validate``/``test``/``predict``."""
+
+
+BoundaryHook = Callable[[Boundary, str], None]
+"""What the loop calls at a boundary: ``(boundary, the event just announced)``."""
 
 
 class CommandPolicy:
