@@ -8,7 +8,8 @@ to every rank at the next agreement, so that every rank acts on them at the same
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -17,6 +18,7 @@ from trainbus.engine.policy import CommandPolicy
 from trainbus.engine.signals import StopSignals
 from trainbus.engine.state import StateKeeper
 from trainbus.events.bus import EventBus
+from trainbus.events.callers import Binding
 from trainbus.events.commands import Request, SkipStep, merge
 from trainbus.events.text import escape_control
 
@@ -86,38 +88,39 @@ class Dispatcher:
                 self._unshared.extend(requests)
         return requests
 
-    def local_fire(self) -> tuple[Callable[..., list[Request] | None], Callable[..., bool]]:
-        """:meth:`fire` and :meth:`fire_skippable` for one process, with every lookup bound.
+    def emitters(self, events: Iterable[str]) -> dict[str, Callable[..., Any] | None]:
+        """One emitter per event for the loop's hot path (None: nobody listens on this rank).
 
-        For the loop's hot path when no process group is open: the same behaviour, without the
-        attribute reads of the general methods.
+        An emitter takes the event's own payload positionally; a skippable event's returns
+        whether to skip. In one process they are the bus's emitters bound to this loop
+        (valid until ``bus.version`` changes); under torchrun every event goes through
+        :meth:`fire`, so that each rank knows when to agree.
         """
+        specs = self.bus.events
         if self.group is not None:
-            return self.fire, self.fire_skippable
-        callers, stateless = self._callers, self._stateless
-        snapshot, model, maps, accept = (
-            self.state.snapshot,
-            self.model,
-            self.maps,
-            self.policy.accept,
-        )
+            return {
+                event: functools.partial(
+                    self.fire_skippable if specs[event].skippable else self.fire, event
+                )
+                for event in events
+            }
+        accept = self.policy.accept
 
-        def fire(event: str, *payload: Any) -> list[Request] | None:
-            call = callers.get(event)
-            if call is None:
-                return None
-            requests: list[Request] | None = call(
-                None if event in stateless else snapshot(), model, maps, *payload
-            )
-            if requests:
-                accept(requests)
-            return requests
+        def handle(found: list[Request]) -> list[Request]:
+            accept(found)
+            return found
 
-        def fire_skippable(event: str, *payload: Any) -> bool:
-            requests = fire(event, *payload)
-            return bool(requests) and merge(requests).skip is not None  # type: ignore[arg-type]
+        def handle_skip(found: list[Request]) -> bool:
+            accept(found)
+            return merge(found).skip is not None
 
-        return fire, fire_skippable
+        snapshot = self.state.snapshot
+        plain = Binding(snapshot, self.model, self.maps, handle, None)
+        skippable = Binding(snapshot, self.model, self.maps, handle_skip, False)
+        return {
+            event: self.bus.bind(event, skippable if specs[event].skippable else plain)
+            for event in events
+        }
 
     def emit(self, event: str, **extra: Any) -> list[Request] | None:
         """:meth:`fire` with the payload by name (for events off the hot path)."""

@@ -44,6 +44,10 @@ NONFINITE_SOURCE = "trainbus.nonfinite_loss"
 """``state.stopped_by`` when a NaN or infinite training loss stopped training."""
 
 
+LOOP_EVENTS = ("batch_start", "forward_start", "backward_start", "backward_end", "batch_end")
+STEP_EVENTS = (*LOOP_EVENTS, "optimizer_step_start", "optimizer_step_end")
+
+
 class TrainingLoop:
     """Runs the training epochs and the evaluation passes of one Trainer."""
 
@@ -58,6 +62,8 @@ class TrainingLoop:
         self.pending_loader_generators: dict[str, torch.Tensor] | None = None
         self.skipped_nonfinite = 0
         self.evaluation = Evaluation(engine, boundary)
+        self.emitters: dict[str, Callable[..., Any] | None] = {}
+        """The step events' emitters of the running epoch (see :meth:`Dispatcher.emitters`)."""
         self._first_epoch = 0
 
     @property
@@ -140,10 +146,10 @@ class TrainingLoop:
     def _train_epoch(self, batches: Iterator[Any], first: int, total: int | None) -> bool:
         """Train on ``batches`` (numbered from ``first``); False when a stop cut it short.
 
-        The hot path: what a step reads is bound to locals first; an event nobody subscribed
-        to costs one lookup (and, under torchrun, goes through :meth:`Dispatcher.fire` for the
-        agreement); a subscribed one calls the bus's generated caller directly; named losses
-        are built and detached only for subscribers that ask for them.
+        The hot path: what a step reads is bound to locals first; each step event has an
+        emitter bound to this loop (:meth:`Dispatcher.emitters`, rebound when a subscription
+        comes or goes), None when nobody listens; named losses are built and detached only
+        for subscribers that ask for them.
         """
         engine = self.engine
         model, state, policy, dispatcher = (
@@ -152,9 +158,8 @@ class TrainingLoop:
             engine.policy,
             engine.dispatcher,
         )
-        fire, fire_skippable = dispatcher.local_fire()
-        callers, wanted = engine.bus.callers, engine.bus.wanted
-        distributed = dispatcher.group is not None
+        bus = engine.bus
+        wanted = bus.wanted
         signals = dispatcher.signals
         pending, values = policy.pending, state.values
         begin_batch, track = state.begin_batch, self.losses.append
@@ -172,6 +177,9 @@ class TrainingLoop:
         policy.open_group = 0
         step = self._step_function()
         position = self.position
+        emitters = self.emitters
+        bound = -1
+        batch_start = forward_start = backward_start = backward_end = batch_end = None
         seen_any = False
         known = total is not None
         source = enumerate(batches, first) if known else enumerate(with_last(batches), first)
@@ -181,17 +189,21 @@ class TrainingLoop:
             else:
                 batch, is_last = item
             seen_any = True
+            if bus.version != bound:
+                emitters.update(dispatcher.emitters(STEP_EVENTS))
+                bound = bus.version
+                batch_start, forward_start, backward_start, backward_end, batch_end = (
+                    emitters[event] for event in LOOP_EVENTS
+                )
             # One change per batch start: samples_seen counts this batch from batch_start on.
             iteration = begin_batch(batch_idx, batch_size(batch) * world_size)
             loss: torch.Tensor | None = None
             output: Any = None
-            if not (
-                (distributed or "batch_start" in callers) and fire_skippable("batch_start", batch)
-            ):
+            if batch_start is None or not batch_start(batch):
                 if moves_batches:
                     batch = move_to(batch, device)
-                if distributed or "forward_start" in callers:
-                    fire("forward_start", batch)
+                if forward_start is not None:
+                    forward_start(batch)
                 if ddp is not None:
                     # Gradients are averaged across ranks at the backward that closes a group.
                     ddp.require_backward_grad_sync = policy.open_group + 1 >= accumulate or is_last
@@ -208,8 +220,7 @@ class TrainingLoop:
                 if not finite:
                     self._skip_nonfinite(loss)
                     self._release_reduction()
-                elif (distributed or "backward_start" in callers) and fire_skippable(
-                    "backward_start",
+                elif backward_start is not None and backward_start(
                     batch,
                     loss,
                     named_losses(output) if "losses" in wanted.get("backward_start", ()) else None,
@@ -221,13 +232,10 @@ class TrainingLoop:
                         scaled = engine.scaler.scale(scaled)
                     model.backward_step(scaled)
                     policy.open_group += 1
-                    if distributed or "backward_end" in callers:
+                    if backward_end is not None:
                         asked = wanted.get("backward_end", ())
-                        fire(
-                            "backward_end",
-                            batch,
-                            loss,
-                            named_losses(output) if "losses" in asked else None,
+                        backward_end(
+                            batch, loss, named_losses(output) if "losses" in asked else None
                         )
                     if policy.open_group == accumulate or is_last:
                         step(policy.open_group)
@@ -240,17 +248,16 @@ class TrainingLoop:
             log_step = iteration % log_every == 0 or is_last
             if log_step:
                 self._log_loss()
-            # Distributed: emitted on every rank, so that each knows when to agree, even
-            # where the subscribers that may ask for something run on rank 0 only.
-            if distributed or "batch_end" in callers:
+            # Distributed: emitted on every rank (its emitter is never None), so that each
+            # knows when to agree, even where the subscribers run on rank 0 only.
+            if batch_end is not None:
                 asked = wanted.get("batch_end", ())
-                fire(
-                    "batch_end",
+                batch_end(
                     batch,
                     None if loss is None or "loss" not in asked else loss.detach(),
                     None if loss is None or "losses" not in asked else detached_all(output),
                 )
-            if distributed:
+            if dispatcher.group is not None:
                 dispatcher.agree(only_if_due=not log_step)
             if pending or signals.received or dispatcher.agreed_signal:
                 self.boundary(Boundary.STEP, "batch_end")
@@ -326,14 +333,12 @@ class TrainingLoop:
             return self._optimizer_step
         optimizer = optimizers[0]
         groups = optimizer.param_groups
-        state, callers = engine.state, engine.bus.callers
+        state, emitters = engine.state, self.emitters
         values = state.values
-        fire, fire_skippable = engine.dispatcher.local_fire()
 
         def step(batches_in_group: int) -> None:
-            if "optimizer_step_start" in callers and fire_skippable(
-                "optimizer_step_start", optimizers
-            ):
+            step_start = emitters.get("optimizer_step_start")
+            if step_start is not None and step_start(engine.optimizers):
                 optimizer.zero_grad(set_to_none=True)
                 return
             optimizer.step()
@@ -349,8 +354,9 @@ class TrainingLoop:
                 if changed:
                     rates = [float(group["lr"]) for group in groups]
                     state.update(learning_rates=tuple(rates))
-            if "optimizer_step_end" in callers:
-                fire("optimizer_step_end", optimizers)
+            step_end = emitters.get("optimizer_step_end")
+            if step_end is not None:
+                step_end(engine.optimizers)
 
         return step
 

@@ -14,12 +14,19 @@ import functools
 import time
 import traceback
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from trainbus.errors import CommandError, ConfigurationTypeError, HandlerFailureWarning
-from trainbus.events.callers import Caller, can_generate, general, generate
+from trainbus.events.callers import (
+    BOUND_NAMES,
+    Binding,
+    Caller,
+    can_generate,
+    general,
+    generate,
+)
 from trainbus.events.catalog import EventSpec
 from trainbus.events.commands import Command, Request, SkipStep
 from trainbus.events.registry import SubscriptionRegistry
@@ -72,6 +79,8 @@ class EventBus(SubscriptionRegistry):
         self.callers: dict[str, Caller] = {}
         self.wanted: dict[str, frozenset[str]] = {}
         """Per event with subscribers on this rank: the payload names they ask for."""
+        self.version = 0
+        """Counts subscription changes: emitters from :meth:`bind` are valid until it moves."""
         self.stateless: set[str] = set()
         """Events whose callers never read ``state``: the emitter may pass None for it."""
         """Per event with subscribers on this rank: a function taking the payload positionally
@@ -79,9 +88,29 @@ class EventBus(SubscriptionRegistry):
         and returns the requests (None or a list); see :mod:`trainbus.events.callers`."""
         super().__init__(rank=rank)
 
+    def bind(self, event: str, binding: Binding) -> Caller | None:
+        """An emitter of ``event`` for one loop (None when nobody on this rank listens).
+
+        It takes the event's own payload names positionally (``state``, ``model`` and
+        ``maps`` come from ``binding``) and returns what ``binding.handle`` makes of the
+        requests. Valid until :attr:`version` changes (a subscription came or went).
+        """
+        subscribers = self._order.get(event)
+        if not subscribers:
+            return None
+        spec = self._specs[event]
+        names = (*BOUND_NAMES, *spec.payload)
+        fast = self._fast.get(event)
+        if fast is None or not can_generate(names):
+            return _bound_general(
+                functools.partial(self.dispatch, event, subscribers), spec.payload, binding
+            )
+        return self._generate(event, names, subscribers, fast, binding)
+
     def _refresh_caller(self, event: str) -> None:
         subscribers = self._order.get(event)
         self.stateless.discard(event)
+        self.version += 1
         if not subscribers:
             self.callers.pop(event, None)
             self.wanted.pop(event, None)
@@ -97,7 +126,19 @@ class EventBus(SubscriptionRegistry):
                 names, functools.partial(self.dispatch, event, subscribers)
             )
             return
-        specs = self._specs
+        if "state" not in self.wanted[event]:
+            self.stateless.add(event)
+        self.callers[event] = self._generate(event, names, subscribers, fast, None)
+
+    def _generate(
+        self,
+        event: str,
+        names: tuple[str, ...],
+        subscribers: tuple[Subscription, ...],
+        fast: FastPlan,
+        binding: Binding | None,
+    ) -> Caller:
+        spec, specs = self._specs[event], self._specs
 
         def collect(found: list[Request] | None, result: object, index: int) -> list[Request]:
             found = [] if found is None else found
@@ -113,9 +154,7 @@ class EventBus(SubscriptionRegistry):
             tick = self._accounting.ticks.setdefault(event, [0])
             timed = functools.partial(self._dispatch_general, event, subscribers, timed=True)
             sampled = (tick, every, timed)
-        if "state" not in self.wanted[event]:
-            self.stateless.add(event)
-        self.callers[event] = generate(
+        return generate(
             event,
             names,
             subscribers,
@@ -123,6 +162,7 @@ class EventBus(SubscriptionRegistry):
             collect=collect,
             fail=fail,
             sampled=sampled,
+            binding=binding,
         )
 
     # --------------------------------------------------------------- dispatch
@@ -362,3 +402,19 @@ def _requests(
                 f"is no step to skip; SkipStep is accepted at: {skippable}"
             )
         yield Request(command, subscription.id, spec.name)
+
+
+def _bound_general(
+    dispatch: Callable[[Payload], list[Request]], names: tuple[str, ...], binding: Binding
+) -> Caller:
+    """An emitter for the general path (filters, ``on_error="log"``): builds the payload."""
+    snapshot, model, maps = binding.snapshot, binding.model, binding.maps
+    handle, nothing = binding.handle, binding.nothing
+
+    def call(*values: Any) -> Any:
+        payload = {"state": snapshot(), "model": model, "maps": maps}
+        payload.update(zip(names, values, strict=True))
+        requests = dispatch(payload)
+        return handle(requests) if requests else nothing
+
+    return call

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import keyword
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from trainbus.events.subscription import Subscription
@@ -48,6 +49,27 @@ def can_generate(names: Sequence[str]) -> bool:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """What an emitter bound to one loop supplies itself, and what it does with requests.
+
+    An emitter takes only the event's own payload names: ``state`` comes from ``snapshot()``
+    (called only when a subscriber reads it), ``model`` and ``maps`` are fixed, and the
+    requests go to ``handle(requests)``, whose result the emitter returns (``nothing`` when
+    no handler asked for anything).
+    """
+
+    snapshot: Callable[[], Any]
+    model: Any
+    maps: Any
+    handle: Callable[[list[Any]], Any]
+    nothing: Any = None
+
+
+BOUND_NAMES = ("state", "model", "maps")
+"""The payload names every event carries first; a :class:`Binding` supplies them."""
+
+
 def generate(
     event: str,
     names: Sequence[str],
@@ -57,21 +79,38 @@ def generate(
     collect: Callable[[Any, Any, int], Any],
     fail: Callable[[Exception, int], None],
     sampled: tuple[list[int], int, Callable[[dict[str, Any]], Any]] | None = None,
+    binding: Binding | None = None,
 ) -> Caller:
     """The dispatch function of ``event`` for plain ``subscribers`` (see the module docstring).
 
     ``counter`` counts dispatches (the subscribers' call counts are settled from it);
     ``collect(found, result, index)`` turns a handler's result into requests; ``fail(error,
     index)`` notes which handler raised. ``sampled`` is ``(tick, every, timed)``: every
-    ``every``-th dispatch (counted in ``tick``) goes to ``timed(payload)`` instead.
+    ``every``-th dispatch (counted in ``tick``) goes to ``timed(payload)`` instead. With a
+    ``binding``, the function is an emitter: it takes the names after ``state, model, maps``
+    and hands the requests on itself.
     """
-    parameters = ", ".join(names)
+    parameters = ", ".join(names[len(BOUND_NAMES) :] if binding is not None else names)
     lines = [f"def call({parameters}):"]
     namespace: dict[str, Any] = {
         f"{_PREFIX}counter": counter,
         f"{_PREFIX}collect": collect,
         f"{_PREFIX}fail": fail,
     }
+    if binding is not None:
+        reads_state = sampled is not None or any(
+            s.wants is None or "state" in s.wants for s in subscribers
+        )
+        namespace.update(
+            {
+                f"{_PREFIX}snapshot": binding.snapshot,
+                f"{_PREFIX}handle": binding.handle,
+                f"{_PREFIX}nothing": binding.nothing,
+                "model": binding.model,
+                "maps": binding.maps,
+            }
+        )
+        lines.append(f"    state = {_PREFIX}snapshot()" if reads_state else "    state = None")
     if sampled is not None:
         tick, every, timed = sampled
         namespace[f"{_PREFIX}tick"] = tick
@@ -80,7 +119,9 @@ def generate(
         lines += [
             f"    {_PREFIX}tick[0] += 1",
             f"    if {_PREFIX}tick[0] % {int(every)} == 0:",
-            f"        return {_PREFIX}timed({{{payload}}})",
+            f"        return {_PREFIX}timed({{{payload}}})"
+            if binding is None
+            else f"        return {_PREFIX}handle({_PREFIX}timed({{{payload}}}) or [])",
         ]
     lines += [
         f"    {_PREFIX}counter[0] += 1",
@@ -104,8 +145,15 @@ def generate(
         f"    except Exception as {_PREFIX}error:",
         f"        {_PREFIX}fail({_PREFIX}error, {_PREFIX}error.__traceback__.tb_lineno)",
         "        raise",
-        f"    return {_PREFIX}found",
     ]
+    if binding is None:
+        lines.append(f"    return {_PREFIX}found")
+    else:
+        lines += [
+            f"    if {_PREFIX}found is None:",
+            f"        return {_PREFIX}nothing",
+            f"    return {_PREFIX}handle({_PREFIX}found)",
+        ]
     namespace[f"{_PREFIX}fail"] = lambda error, line: fail(error, handler_at_line[line])
     source = "\n".join(lines) + "\n"
     exec(compile(source, f"<trainbus dispatch of {event!r}>", "exec"), namespace)
