@@ -173,6 +173,7 @@ class TrainingLoop:
         log_every = settings.log_every_n_batches
         skip_nonfinite = settings.nonfinite_loss == "skip"
         moves_batches, device = engine.moves_batches, engine.device
+        scaler, group = engine.scaler, dispatcher.group
         stop_before_epoch = policy.stop_requested
         policy.open_group = 0
         step = self._step_function()
@@ -185,7 +186,8 @@ class TrainingLoop:
         source = enumerate(batches, first) if known else enumerate(with_last(batches), first)
         for batch_idx, item in source:
             if known:
-                batch, is_last = item, batch_idx + 1 == total
+                batch = item
+                is_last = batch_idx + 1 == total
             else:
                 batch, is_last = item
             seen_any = True
@@ -196,7 +198,11 @@ class TrainingLoop:
                     emitters[event] for event in LOOP_EVENTS
                 )
             # One change per batch start: samples_seen counts this batch from batch_start on.
-            iteration = begin_batch(batch_idx, batch_size(batch) * world_size)
+            if type(batch) is tuple and type(batch[0]) is torch.Tensor and batch[0].ndim:
+                samples = batch[0].shape[0]  # the common case, without a call
+            else:
+                samples = batch_size(batch)
+            iteration = begin_batch(batch_idx, samples * world_size)
             loss: torch.Tensor | None = None
             output: Any = None
             if batch_start is None or not batch_start(batch):
@@ -228,8 +234,8 @@ class TrainingLoop:
                     self._release_reduction()
                 else:
                     scaled = loss / accumulate if accumulate > 1 else loss
-                    if engine.scaler is not None:
-                        scaled = engine.scaler.scale(scaled)
+                    if scaler is not None:
+                        scaled = scaler.scale(scaled)
                     model.backward_step(scaled)
                     policy.open_group += 1
                     if backward_end is not None:
@@ -257,9 +263,9 @@ class TrainingLoop:
                     None if loss is None or "loss" not in asked else loss.detach(),
                     None if loss is None or "losses" not in asked else detached_all(output),
                 )
-            if dispatcher.group is not None:
+            if group is not None:
                 dispatcher.agree(only_if_due=not log_step)
-            if pending or signals.received or dispatcher.agreed_signal:
+            if pending or signals.received or (group is not None and dispatcher.agreed_signal):
                 self.boundary(Boundary.STEP, "batch_end")
             if values["stopped_by"] is not None and not stop_before_epoch and policy.ends_epoch:
                 if policy.open_group:
