@@ -149,6 +149,15 @@ def rates_of(optimizers: Sequence[torch.optim.Optimizer]) -> tuple[Any, ...]:
     return tuple(group["lr"] for optimizer in optimizers for group in optimizer.param_groups)
 
 
+def rates_moved(optimizers: Sequence[torch.optim.Optimizer], recorded: tuple[Any, ...]) -> bool:
+    """Whether a learning rate differs from ``recorded`` (not for tensor rates: a sync)."""
+    if len(optimizers) == 1:
+        groups = optimizers[0].param_groups
+        if len(groups) == 1:
+            return (groups[0]["lr"],) != recorded
+    return rates_of(optimizers) != recorded
+
+
 def learning_rates(
     optimizers: Sequence[torch.optim.Optimizer],
     *,

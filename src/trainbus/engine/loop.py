@@ -26,7 +26,7 @@ from trainbus.engine.batches import (
     reuses_workers,
 )
 from trainbus.engine.compute import batch_size, move_to, with_last
-from trainbus.engine.core import Engine, learning_rates, rates_of
+from trainbus.engine.core import Engine, learning_rates, rates_moved, rates_of
 from trainbus.engine.evaluation import Evaluation
 from trainbus.engine.model import Model
 from trainbus.engine.policy import Boundary, BoundaryHook
@@ -44,8 +44,15 @@ NONFINITE_SOURCE = "trainbus.nonfinite_loss"
 """``state.stopped_by`` when a NaN or infinite training loss stopped training."""
 
 
-LOOP_EVENTS = ("batch_start", "forward_start", "backward_start", "backward_end", "batch_end")
-STEP_EVENTS = (*LOOP_EVENTS, "optimizer_step_start", "optimizer_step_end")
+STEP_EVENTS = (
+    "batch_start",
+    "forward_start",
+    "backward_start",
+    "backward_end",
+    "batch_end",
+    "optimizer_step_start",
+    "optimizer_step_end",
+)
 
 
 class TrainingLoop:
@@ -176,11 +183,13 @@ class TrainingLoop:
         scaler, group = engine.scaler, dispatcher.group
         stop_before_epoch = policy.stop_requested
         policy.open_group = 0
-        step = self._step_function()
+        direct = self._direct_optimizer()
+        optimizers, tensor_rates = engine.optimizers, engine.tensor_rates
         position = self.position
         emitters = self.emitters
         bound = -1
         batch_start = forward_start = backward_start = backward_end = batch_end = None
+        step_start = step_end = None
         seen_any = False
         known = total is not None
         source = enumerate(batches, first) if known else enumerate(with_last(batches), first)
@@ -194,9 +203,15 @@ class TrainingLoop:
             if bus.version != bound:
                 emitters.update(dispatcher.emitters(STEP_EVENTS))
                 bound = bus.version
-                batch_start, forward_start, backward_start, backward_end, batch_end = (
-                    emitters[event] for event in LOOP_EVENTS
-                )
+                (
+                    batch_start,
+                    forward_start,
+                    backward_start,
+                    backward_end,
+                    batch_end,
+                    step_start,
+                    step_end,
+                ) = (emitters[event] for event in STEP_EVENTS)
             # One change per batch start: samples_seen counts this batch from batch_start on.
             if type(batch) is tuple and type(batch[0]) is torch.Tensor and batch[0].ndim:
                 samples = batch[0].shape[0]  # the common case, without a call
@@ -244,7 +259,22 @@ class TrainingLoop:
                             batch, loss, named_losses(output) if "losses" in asked else None
                         )
                     if policy.open_group == accumulate or is_last:
-                        step(policy.open_group)
+                        if direct is None:
+                            self._optimizer_step(policy.open_group)
+                        elif step_start is not None and step_start(optimizers):
+                            direct.zero_grad(set_to_none=True)
+                        else:
+                            direct.step()
+                            direct.zero_grad(set_to_none=True)
+                            state.step_done()
+                            # Tensor learning rates are read at log intervals only: comparing
+                            # them would be a host-device sync.
+                            recorded = values["learning_rates"]
+                            if not tensor_rates and rates_moved(optimizers, recorded):
+                                rates = tuple(float(r) for r in rates_of(optimizers))
+                                state.update(learning_rates=rates)
+                            if step_end is not None:
+                                step_end(optimizers)
                         policy.open_group = 0
                 if finite:
                     # Kept on the device, summed and read at log intervals only (a host-device
@@ -275,7 +305,7 @@ class TrainingLoop:
                 return False
         if policy.open_group:
             # The last batch was skipped while a group was open: step what was accumulated.
-            step(policy.open_group)
+            self._optimizer_step(policy.open_group)
             policy.open_group = 0
             dispatcher.agree(only_if_due=True)
             self.boundary(Boundary.STEP, "batch_end")
@@ -317,12 +347,12 @@ class TrainingLoop:
         parameters = [p for p in self.engine.model.parameters() if p.requires_grad]
         torch.stack([p.sum() * 0 for p in parameters]).sum().backward()  # type: ignore[no-untyped-call]
 
-    def _step_function(self) -> Callable[[int], None]:
-        """The optimizer step for this epoch: a direct one in the common case.
+    def _direct_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer the loop steps itself, or None when :meth:`_optimizer_step` must.
 
         The common case (one optimizer, no loss scaling, clipping or accumulation, the model's
-        ``optimization_step`` not overridden, one process) steps the optimizer itself;
-        anything else goes through :meth:`_optimizer_step`, which calls the model's
+        ``optimization_step`` not overridden, one process) is stepped in the loop; anything
+        else goes through :meth:`_optimizer_step`, which calls the model's
         ``optimization_step``. Both announce the same events.
         """
         engine = self.engine
@@ -336,35 +366,8 @@ class TrainingLoop:
             or engine.settings.accumulate_grad_batches != 1
             or engine.dispatcher.group is not None
         ):
-            return self._optimizer_step
-        optimizer = optimizers[0]
-        groups = optimizer.param_groups
-        state, emitters = engine.state, self.emitters
-        values = state.values
-
-        def step(batches_in_group: int) -> None:
-            step_start = emitters.get("optimizer_step_start")
-            if step_start is not None and step_start(engine.optimizers):
-                optimizer.zero_grad(set_to_none=True)
-                return
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step_done()
-            if not engine.tensor_rates:
-                # Comparing tensor learning rates would be a host-device sync: they are read
-                # at log intervals only.
-                if len(groups) == 1:
-                    changed = (groups[0]["lr"],) != values["learning_rates"]
-                else:
-                    changed = tuple([group["lr"] for group in groups]) != values["learning_rates"]
-                if changed:
-                    rates = [float(group["lr"]) for group in groups]
-                    state.update(learning_rates=tuple(rates))
-            step_end = emitters.get("optimizer_step_end")
-            if step_end is not None:
-                step_end(engine.optimizers)
-
-        return step
+            return None
+        return optimizers[0]
 
     def _optimizer_step(self, batches_in_group: int) -> None:
         engine = self.engine
@@ -391,13 +394,11 @@ class TrainingLoop:
         if scaler is not None:
             scaler.update()
         engine.zero_grad()
-        engine.state.step_done()
-        if not engine.tensor_rates:
-            # Comparing tensor learning rates would be a host-device sync: they are read at
-            # log intervals only.
-            rates = rates_of(optimizers)
-            if rates != engine.state.get("learning_rates"):
-                engine.state.update(learning_rates=tuple(float(rate) for rate in rates))
+        state = engine.state
+        state.step_done()
+        # Tensor learning rates are read at log intervals only: comparing them would sync.
+        if not engine.tensor_rates and rates_moved(optimizers, state.values["learning_rates"]):
+            state.update(learning_rates=tuple(float(rate) for rate in rates_of(optimizers)))
         dispatcher.fire("optimizer_step_end", optimizers)
 
     def _skip_nonfinite(self, loss: torch.Tensor) -> None:
