@@ -12,7 +12,8 @@ with the same SGD optimizer, in this one process.
   own thread and the threads take turns every 20 steps; each step is timed with the thread's
   CPU clock; the first 3 steps after a turn are left out. Reported: the median over steps of
   the paired ratio to the raw loop's same step, its quartiles, and the median extra
-  microseconds per step.
+  microseconds per step; with ``--repeats R`` rounds (3 by default) the median over rounds
+  and the lowest and highest round.
 - ``--mode whole``: whole fits interleaved in a random order at each repeat. Each
   measurement times runs of ``S`` and ``3 S`` steps: the difference over ``2 S`` is the steady
   time per step, free of what a framework does once per run, reported apart as the fixed
@@ -106,19 +107,33 @@ def measure_whole(
 
 
 def measure_lockstep(
-    runners: dict[str, Runner], model: str, steps: int
+    runners: dict[str, Runner], model: str, steps: int, rounds: int
 ) -> dict[str, dict[str, float]]:
-    """Every contender in its own thread, taking turns every 20 steps (module docstring)."""
+    """Every contender in its own thread, taking turns every 20 steps (module docstring).
+
+    ``rounds`` lock-step runs, each with fresh threads and networks: the figures are the
+    median over rounds, and ``ratio_low``/``ratio_high`` the lowest and highest round.
+    """
     batches = make_batches(model, steps)
     for runner in runners.values():  # warm-up: imports, allocator, first-call caches
         timed(runner, model, batches[:3])
-    gc.collect()
-    gc.disable()
-    try:
-        steps_by_name = run_lockstep(runners, lambda: make_network(model), batches)
-    finally:
-        gc.enable()
-    return paired(steps_by_name, reference="raw")
+    per_round = []
+    for _ in range(rounds):
+        gc.collect()
+        gc.disable()
+        try:
+            steps_by_name = run_lockstep(runners, lambda: make_network(model), batches)
+        finally:
+            gc.enable()
+        per_round.append(paired(steps_by_name, reference="raw"))
+    results = {}
+    for name in runners:
+        rows = [result[name] for result in per_round]
+        results[name] = {key: statistics.median(row[key] for row in rows) for key in rows[0]} | {
+            "ratio_low": min(row["ratio"] for row in rows),
+            "ratio_high": max(row["ratio"] for row in rows),
+        }
+    return results
 
 
 def main() -> None:
@@ -128,7 +143,9 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
     parser.add_argument("--subscribers", type=int, default=10)
     parser.add_argument("--steps", type=int, default=None, help="steps (whole: of the short run)")
-    parser.add_argument("--repeats", type=int, default=None, help="whole mode: repeats")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="repeats (lock-step: rounds; default 3)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     arguments = parser.parse_args()
@@ -140,9 +157,9 @@ def main() -> None:
     else:
         default_steps = 20 if arguments.quick else (400 if arguments.model != "small" else 60)
     steps = arguments.steps or default_steps
-    repeats = arguments.repeats or (1 if arguments.quick else 7)
+    repeats = arguments.repeats or (1 if arguments.quick else (3 if lockstep else 7))
     shape = (
-        f"{steps} steps in turns of 20"
+        f"{steps} steps in turns of 20, {repeats} round(s)"
         if lockstep
         else f"{steps} and {3 * steps} steps, {repeats} repeats"
     )
@@ -153,13 +170,17 @@ def main() -> None:
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
     )
     if lockstep:
-        results = measure_lockstep(runners, arguments.model, steps)
-        print(f"{'contender':<20} {'us/step':>9} {'x raw':>7} {'quartiles':>13} {'extra us':>9}")
+        results = measure_lockstep(runners, arguments.model, steps, repeats)
+        print(
+            f"{'contender':<20} {'us/step':>9} {'x raw':>7} {'quartiles':>13} {'extra us':>9} "
+            f"{'rounds':>13}"
+        )
         for name, row in results.items():
             quartiles = f"{row['ratio_q1']:.3f}-{row['ratio_q3']:.3f}"
+            rounds = f"{row['ratio_low']:.3f}-{row['ratio_high']:.3f}"
             print(
                 f"{name:<20} {row['us_per_step']:>9.1f} {row['ratio']:>7.3f} {quartiles:>13} "
-                f"{row['extra_us']:>9.1f}"
+                f"{row['extra_us']:>9.1f} {rounds:>13}"
             )
     else:
         results = measure_whole(runners, arguments.model, steps, repeats, seed=0)
