@@ -8,12 +8,12 @@ Importing this package has no side effects.
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
-from trainbus.engine.checkpoint import load_weights
 from trainbus.engine.compute import seed_everything
 from trainbus.engine.maps import Maps
 from trainbus.engine.metrics import LossMetricConfig, TorchMetricConfig
 from trainbus.engine.model import Model, SupervisedModel
 from trainbus.engine.state import TrainerState
+from trainbus.engine.weights import load_weights
 from trainbus.errors import TrainbusError
 from trainbus.events import (
     EVENTS,

@@ -19,8 +19,8 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
-from trainbus.engine import checkpoint, record, restore
 from trainbus.engine import distributed as dist_tools
+from trainbus.engine import record, restore
 from trainbus.engine.batches import check_loader
 from trainbus.engine.call import CallRunner
 from trainbus.engine.compute import Precision, resolve_device, resolve_precision, seed_everything
@@ -33,6 +33,7 @@ from trainbus.engine.policy import Boundary
 from trainbus.engine.saving import Saver
 from trainbus.engine.settings import LoopSettings, loop_settings, positive_int, recorded_settings
 from trainbus.engine.state import TrainerState
+from trainbus.engine.weights import load_weights
 from trainbus.errors import (
     ConfigurationError,
     ConfigurationTypeError,
@@ -90,10 +91,8 @@ class Trainer:
       ``torchrun`` (e.g. ``{"find_unused_parameters": True}``); see
       :mod:`trainbus.engine.distributed`.
 
-    One call runs at a time: ``train``/``validate``/``test``/``predict`` called from a handler
-    or another thread while a call runs is refused. Under ``torchrun`` the same script trains
-    data-parallel: rank 0 writes the MAPS and the logs, every rank trains on its share of each
-    epoch, and ``state.rank`` / ``state.world_size`` say where a handler runs.
+    One call runs at a time (another one, from a handler or a thread, is refused). Under
+    ``torchrun`` the same script trains data-parallel: rank 0 writes the MAPS and the logs.
     """
 
     def __init__(
@@ -224,7 +223,7 @@ class Trainer:
             raise
         trainer._engine.adopt_maps = True
         if weights is not None:
-            checkpoint.load_weights(handle.path, model, tag=weights)
+            load_weights(handle.path, model, tag=weights)
         return trainer
 
     # ---------------------------------------------------------------- what it holds

@@ -24,6 +24,7 @@ from trainbus.engine.maps import MAPS_FILE
 from trainbus.engine.resume import EpochStart
 from trainbus.engine.saving import STATE_FORMAT, optimizer_class
 from trainbus.engine.settings import EXACTNESS_SETTINGS
+from trainbus.engine.weights import check_fit
 from trainbus.errors import (
     CheckpointError,
     ConfigurationError,
@@ -104,7 +105,16 @@ def restore(
             f"batches, but train_loader has {length(loader)}; resume with the same "
             "training data and batch size"
         )
-    _check_weights(engine.model, weights, name)
+    check_fit(
+        weights,
+        engine.model,
+        f"the training state {name}",
+        strict=True,
+        remedy=(
+            "Resume with the model the interrupted run trained, or start a new run (another "
+            "MAPS, or overwrite=True)"
+        ),
+    )
     saved_optimizers = tensors["optimizers"]
     _check_optimizers(engine.optimizers, saved_optimizers, document.get("optimizers"), name)
     engine.model.load_state_dict(weights)
@@ -172,32 +182,6 @@ def _missing(value: object, layout: Mapping[str, type], where: str) -> list[str]
         for key, kind in layout.items()
         if not isinstance(value.get(key), kind)
     ]
-
-
-def _check_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], name: str) -> None:
-    """Refuse weights of another architecture, naming the differences, before loading any."""
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - weights.keys())
-    unexpected = sorted(weights.keys() - expected.keys())
-    reshaped = [
-        f"{key}: {tuple(weights[key].shape)} saved, {tuple(tensor.shape)} now"
-        for key, tensor in expected.items()
-        if key in weights and tuple(weights[key].shape) != tuple(tensor.shape)
-    ]
-    if not (missing or unexpected or reshaped):
-        return
-    parts = []
-    if missing:
-        parts.append(f"missing from the state: {_some(missing)}")
-    if unexpected:
-        parts.append(f"not in the model: {_some(unexpected)}")
-    if reshaped:
-        parts.append(f"other shapes: {_some(reshaped)}")
-    raise CheckpointError(
-        f"the training state {name} holds weights of another architecture than "
-        f"{type(model).__name__} ({'; '.join(parts)}); resume with the model the interrupted "
-        "run trained, or start a new run (another MAPS, or overwrite=True)"
-    )
 
 
 def _check_optimizers(
@@ -341,8 +325,3 @@ def _load_callback_states(engine: Engine, states: Mapping[str, Any], source: str
             TrainbusWarning,
             stacklevel=5,
         )
-
-
-def _some(items: Sequence[str], most: int = 5) -> str:
-    shown = ", ".join(items[:most])
-    return shown if len(items) <= most else f"{shown} and {len(items) - most} more"

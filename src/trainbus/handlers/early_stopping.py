@@ -15,6 +15,7 @@ from trainbus.engine.compute import finite_number
 from trainbus.engine.maps import CHECKPOINTS_DIR, Maps
 from trainbus.engine.model import Model
 from trainbus.engine.state import TrainerState
+from trainbus.engine.weights import load_weights
 from trainbus.errors import (
     CheckpointError,
     ConfigurationError,
@@ -323,7 +324,7 @@ class EarlyStoppingCallback(Callback):
         # After train_end's training state is written: that state keeps the last weights.
         if self._restore_pending and self.best_checkpoint is not None:
             self._restore_pending = False
-            checkpoints.load_weights(self.best_checkpoint, model)
+            load_weights(self.best_checkpoint, model)
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
