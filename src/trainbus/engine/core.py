@@ -159,13 +159,10 @@ def rates_moved(optimizers: Sequence[torch.optim.Optimizer], recorded: tuple[Any
 
 
 def learning_rates(
-    optimizers: Sequence[torch.optim.Optimizer],
-    *,
-    read_tensors: bool,
-    rates: Sequence[Any] | None = None,
+    optimizers: Sequence[torch.optim.Optimizer], *, read_tensors: bool
 ) -> dict[str, tuple[float, ...]]:
     """``{"learning_rates": ...}`` for the state, or ``{}`` when reading them would sync."""
-    rates = rates_of(optimizers) if rates is None else rates
+    rates = rates_of(optimizers)
     if any(isinstance(rate, torch.Tensor) for rate in rates) and not read_tensors:
         return {}  # a tensor learning rate is read at log intervals only (host-device sync)
     return {"learning_rates": tuple(float(rate) for rate in rates)}

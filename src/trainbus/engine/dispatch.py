@@ -1,9 +1,11 @@
 """Announcing events: the payload of each, the subscribers' requests, and agreement across ranks.
 
-The loop calls :meth:`Dispatcher.emit` at every point of the catalogue. An event nobody
-subscribed to costs one lookup (no snapshot is built). The requests handlers return go to the
-:class:`~trainbus.engine.policy.CommandPolicy`; in a distributed run they are first made known
-to every rank at the next agreement, so that every rank acts on them at the same step.
+The training loop announces its step events through emitters bound to it
+(:meth:`Dispatcher.emitters`); every other event goes through :meth:`Dispatcher.fire` or
+:meth:`Dispatcher.emit`. An event nobody subscribed to costs one lookup (no snapshot is
+built). The requests handlers return go to the :class:`~trainbus.engine.policy.CommandPolicy`;
+in a distributed run they are first made known to every rank at the next agreement, so that
+every rank acts on them at the same step.
 """
 
 from __future__ import annotations
@@ -69,9 +71,9 @@ class Dispatcher:
     def fire(self, event: str, *payload: Any) -> list[Request] | None:
         """Call the subscribers of ``event`` with its payload in the catalogue's order.
 
-        The hot path of the loop: one lookup when nobody listens (no snapshot is built), else
-        the bus's generated caller (:mod:`trainbus.events.callers`). Returns the requests,
-        already handed to the policy (or kept for the next agreement across ranks).
+        One lookup when nobody listens (no snapshot is built), else the bus's generated caller
+        (:mod:`trainbus.events.callers`). Returns the requests, already handed to the policy
+        (or kept for the next agreement across ranks).
         """
         call = self._callers.get(event)
         if self.group is not None and self.bus.may_command(event):

@@ -1,4 +1,4 @@
-"""The loop: epochs, batches, accumulation, optimizer steps and evaluation passes.
+"""The training loop: epochs, batches, accumulation and optimizer steps.
 
 It announces every step on the bus and knows nothing of files or locks: at each boundary it
 calls the ``boundary`` function it was given, which carries out what the
@@ -26,7 +26,7 @@ from trainbus.engine.batches import (
     reuses_workers,
 )
 from trainbus.engine.compute import batch_size, move_to, with_last
-from trainbus.engine.core import Engine, learning_rates, rates_moved, rates_of
+from trainbus.engine.core import Engine, learning_rates, rates_moved
 from trainbus.engine.evaluation import Evaluation
 from trainbus.engine.model import Model
 from trainbus.engine.policy import Boundary, BoundaryHook
@@ -56,7 +56,7 @@ STEP_EVENTS = (
 
 
 class TrainingLoop:
-    """Runs the training epochs and the evaluation passes of one Trainer."""
+    """Runs the training epochs of one Trainer (its evaluation passes: :attr:`evaluation`)."""
 
     def __init__(self, engine: Engine, boundary: BoundaryHook) -> None:
         self.engine = engine
@@ -271,8 +271,7 @@ class TrainingLoop:
                             # them would be a host-device sync.
                             recorded = values["learning_rates"]
                             if not tensor_rates and rates_moved(optimizers, recorded):
-                                rates = tuple(float(r) for r in rates_of(optimizers))
-                                state.update(learning_rates=rates)
+                                state.update(**learning_rates(optimizers, read_tensors=True))
                             if step_end is not None:
                                 step_end(optimizers)
                         policy.open_group = 0
@@ -398,7 +397,7 @@ class TrainingLoop:
         state.step_done()
         # Tensor learning rates are read at log intervals only: comparing them would sync.
         if not engine.tensor_rates and rates_moved(optimizers, state.values["learning_rates"]):
-            state.update(learning_rates=tuple(float(rate) for rate in rates_of(optimizers)))
+            state.update(**learning_rates(optimizers, read_tensors=True))
         dispatcher.fire("optimizer_step_end", optimizers)
 
     def _skip_nonfinite(self, loss: torch.Tensor) -> None:
