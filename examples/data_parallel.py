@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainbus import LRSchedulerCallback, SupervisedModel, Trainer, TrainerState
+from trainbus import LRSchedulerCallback, SupervisedModel, Trainer, TrainerState, seed_everything
 
 
 def blobs(samples: int, seed: int) -> TensorDataset:
@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     options = parser.parse_args()
 
+    # Before building the model: every rank draws the same initial weights, run after run.
+    seed_everything(0)
     network = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
     model = SupervisedModel(
         network, nn.CrossEntropyLoss(), optimizer=functools.partial(torch.optim.SGD, lr=0.2)

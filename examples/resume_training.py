@@ -25,6 +25,7 @@ from trainbus import (
     Trainer,
     TrainerState,
     TrainingCheckpointCallback,
+    seed_everything,
 )
 
 
@@ -43,7 +44,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     options = parser.parse_args()
 
-    torch.manual_seed(0)
+    # Before building the model: its initial weights are drawn now, before the Trainer exists.
+    seed_everything(0)
     network = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 2))
     model = SupervisedModel(
         network, nn.CrossEntropyLoss(), optimizer=functools.partial(torch.optim.SGD, lr=0.1)
@@ -62,7 +64,7 @@ def main() -> None:
 
     @trainer.on("resume")
     def announce(*, state: TrainerState, checkpoint: object) -> None:
-        print(f"resumed from {checkpoint} at epoch {state.current_epoch}, step {state.global_step}")
+        print(f"resumed from {checkpoint} after {state.global_step} optimizer steps")
 
     state = trainer.train(*loaders(), resume=True)
     print(f"finished: {state.current_epoch + 1} epochs, {state.global_step} optimizer steps")

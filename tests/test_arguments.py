@@ -14,6 +14,7 @@ says what goes wrong and where the check belongs.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import inspect
 import math
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pytest
 import torch
 import torchmetrics
+import torchmetrics.aggregation
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -297,6 +299,40 @@ TRAINER: dict[str, list[Bad]] = {
     ],
     "deterministic": [wrong_type("yes"), wrong_type(1), wrong_type(None)],
     "nonfinite_loss": [wrong_type(1), wrong_type(None), wrong_value("ignore")],
+    "max_steps": _NUMBERS,
+    "max_time": [
+        wrong_type("1h"),
+        wrong_type(True),
+        wrong_value(0),
+        wrong_value(-5.0),
+        wrong_value(math.inf),
+        wrong_value(datetime.timedelta(0), shown="datetime.timedelta(0)"),
+    ],
+    "limit_train_batches": [
+        wrong_type("10"),
+        wrong_type(None),
+        wrong_type(True),
+        wrong_value(0),
+        wrong_value(0.0),
+        wrong_value(1.5),
+        wrong_value(-3),
+    ],
+    "limit_val_batches": [
+        wrong_type("10"),
+        wrong_type(None),
+        wrong_type(True),
+        wrong_value(1.5),
+        wrong_value(-1),
+    ],
+    "val_check_interval": [
+        wrong_type("10"),
+        wrong_type(True),
+        wrong_value(0),
+        wrong_value(0.0),
+        wrong_value(2.5),
+    ],
+    "validate_last_epoch": [wrong_type("yes"), wrong_type(1), wrong_type(None)],
+    "fast_dev_run": [wrong_type("yes"), wrong_type(1), wrong_type(None)],
     "default_callbacks": [
         wrong_type(
             "logger",
@@ -354,6 +390,14 @@ TRAINER_CASES = [
     ),
     bad(
         "Trainer",
+        "maps",
+        "value",
+        "v{name}",
+        lambda path: build(path.parent / "v{name}"),
+        shown=lambda path: repr(str(path.parent / "v{name}")),
+    ),
+    bad(
+        "Trainer",
         "precision",
         "value",
         "16",
@@ -396,7 +440,7 @@ TRAIN: dict[str, list[Bad]] = {
         wrong_type("batches"),
         wrong_value(empty_loader(), shown="val_loader has no batches"),
     ],
-    "resume": [wrong_type("yes"), wrong_type(1), wrong_type(0)],
+    "resume": [wrong_type("yes"), wrong_type(1), wrong_type(0), wrong_value("automatic")],
 }
 
 
@@ -642,7 +686,6 @@ EARLY_STOPPING: dict[str, list[Bad]] = {
         wrong_type(None),
         wrong_type(b"loss"),
         wrong_value(""),
-        wrong_value("accuracy"),  # no mode, and not loss-like
     ],
     "patience": _COUNT,
     "mode": [wrong_type(1), wrong_value("up"), wrong_value("MIN")],
@@ -664,13 +707,17 @@ EARLY_STOPPING: dict[str, list[Bad]] = {
 }
 
 
+_UNDIRECTED = {"dice": torchmetrics.aggregation.MeanMetric()}
+"""A metric that declares no higher_is_better, under a name that is no loss's."""
+
+
 def _early_stopping_call(argument: str, value: object) -> Callable[[Path], object]:
     options = {"metric": "loss", argument: value}
     return lambda path: EarlyStoppingCallback(**options)
 
 
 MODEL_CHECKPOINT: dict[str, list[Bad]] = {
-    "metric": [wrong_type(5), wrong_type(b"loss"), wrong_value(""), wrong_value("accuracy")],
+    "metric": [wrong_type(5), wrong_type(b"loss"), wrong_value("")],
     "epochs": [
         wrong_type("1"),
         wrong_type(5),
@@ -787,7 +834,23 @@ CALLBACK_CASES = [
         "val_accuracy",
         lambda path: build(path, callbacks=[EarlyStoppingCallback("val_accuracy", mode="max")]),
     ),
+    bad(
+        "EarlyStoppingCallback",
+        "mode",
+        "value",
+        None,
+        lambda path: build(path, metrics=_UNDIRECTED, callbacks=[EarlyStoppingCallback("dice")]),
+        shown="'dice'",  # no mode, and neither the metric nor its name tells one
+    ),
     *rows("ModelCheckpointCallback", MODEL_CHECKPOINT, _model_checkpoint_call),
+    bad(
+        "ModelCheckpointCallback",
+        "mode",
+        "value",
+        None,
+        lambda path: build(path, metrics=_UNDIRECTED, callbacks=[ModelCheckpointCallback("dice")]),
+        shown="'dice'",  # no mode, and neither the metric nor its name tells one
+    ),
     bad(
         "ModelCheckpointCallback",
         "mode",
@@ -943,8 +1006,17 @@ FUNCTION_CASES = [
         {
             "path": [wrong_type(5), wrong_type(None), wrong_type(b"maps")],
             "overwrite": _BOOL,
+            "version": [wrong_type(5), wrong_type(None), wrong_value("newest")],
         },
         lambda argument, value: lambda path: Maps(**{"path": path, argument: value}),
+    ),
+    bad(
+        "Maps",
+        "path",
+        "value",
+        "v{version}{version}",
+        lambda path: Maps(path.parent / "v{version}{version}"),
+        shown=lambda path: repr(str(path.parent / "v{version}{version}")),
     ),
     bad(
         "Maps",
@@ -1213,6 +1285,15 @@ EXISTING = [
         "Trainer.train",
         "resume",
         "value",
+        "auto",
+        lambda p: build(p).train(make_loader(), resume="auto"),
+        shown="not every earlier call failed",
+        bare=True,
+    ),
+    on_run(
+        "Trainer.train",
+        "resume",
+        "value",
         False,
         lambda p: build(p).train(make_loader(), resume=False),
         shown="already exists and is not empty",
@@ -1324,6 +1405,8 @@ NO_WRONG_VALUE: dict[str, dict[str, str]] = {
         "model": "any trainbus.Model is a valid model",
         "deterministic": "both bools are valid",
         "overwrite": "both bools are valid",
+        "validate_last_epoch": "both bools are valid",
+        "fast_dev_run": "both bools are valid",
     },
     "Trainer.on": {
         "priority": "every int is a priority",
@@ -1419,7 +1502,7 @@ def test_every_exported_callable_and_trainer_method_is_audited() -> None:
     assert exported == top_level | set(NOT_AUDITED)
     methods = {
         f"Trainer.{name}"
-        for name in vars(Trainer)
+        for name in dir(Trainer)  # its rooms' methods too (Subscribing)
         if not name.startswith("_")
         and callable(getattr(Trainer, name))
         and parameters(getattr(Trainer, name))[0]

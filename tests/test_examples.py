@@ -67,7 +67,7 @@ def test_resume_training_continues_where_the_first_run_stopped(tmp_path: Path) -
     assert "finished: 3 epochs, 39 optimizer steps" in first.stdout
     second = run_example("resume_training.py", tmp_path, maps, "--epochs", "5")
     assert second.returncode == 0, second.stderr
-    assert "state-0000000039-epoch-end at epoch 2, step 39" in second.stdout
+    assert "state-0000000039-epoch-end after 39 optimizer steps" in second.stdout
     assert "finished: 5 epochs, 65 optimizer steps" in second.stdout
 
 

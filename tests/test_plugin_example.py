@@ -144,6 +144,9 @@ def train(name, epochs, **options):
 
 
 train("auto", 3).test(make_loader(seed=2))
+from trainbus_tensorboard import TensorBoardCallback
+
+train("given", 1, callbacks=[TensorBoardCallback(every=3)])
 os.environ["TRAINBUS_DISABLE_PLUGIN_AUTOLOAD"] = "1"
 train("disabled", 1)
 del os.environ["TRAINBUS_DISABLE_PLUGIN_AUTOLOAD"]
@@ -161,8 +164,9 @@ else:
 
 @pytest.fixture(scope="module")
 def runs(installed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One subprocess: a run with plugins="auto" (train, then test), a run with autoload
-    disabled, one with the plugin blocked, and a Trainer refused for a bad variable."""
+    """One subprocess: a run with plugins="auto" (train, then test), one given its own
+    TensorBoardCallback, a run with autoload disabled, one with the plugin blocked, and a
+    Trainer refused for a bad variable."""
     work = tmp_path_factory.mktemp("tensorboard-runs")
     script = work / "runs.py"
     script.write_text(RUNS_SCRIPT)
@@ -270,6 +274,20 @@ def test_batch_end_writes_progress_every_n_batches_from_the_environment(runs: Pa
     )
     # train() and test() each opened and closed a writer: one event file per call.
     assert len(list(directory.glob("events.out.tfevents.*"))) == 2
+
+
+def test_a_callback_given_by_the_user_replaces_the_plugins_instance(runs: Path) -> None:
+    document = maps_json(runs, "given")
+    mine = [c for c in document["callbacks"] if c["class"].endswith(".TensorBoardCallback")]
+    assert [(c["source"], c["config"]) for c in mine] == [("user", {"every": 3})]
+    [record] = document["plugins"]
+    assert record["status"] == "loaded"
+    assert "TensorBoardCallback replaced by the one given in callbacks=[...]" in record["reason"]
+    assert record["subscribers"] == []
+    assert [row for row in document["plan"] if row["source"] == SOURCE] == []
+    # One writer, with the user's every=3 (not the environment's 2): each step written once.
+    directory = runs / "given" / "tensorboard"
+    assert scalars(directory, "train/samples_seen") == [(3, 24.0), (6, 48.0)]
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import runpy
 import sys
 import tempfile
@@ -16,9 +17,26 @@ from typing import Any
 from trainbus.errors import ConfigurationError, TrainbusError
 from trainbus.handlers.text import escape_control
 
+# The status a shell reports for a writer killed by SIGPIPE (128 + 13), as `yes | head` does.
+EXIT_BROKEN_PIPE = 141
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``trainbus`` console script; returns the exit status."""
+    """Entry point of the ``trainbus`` console script; returns the exit status.
+
+    When the reader of the output goes away early (``trainbus plan | head -1``), the command
+    stops quietly with status 141, as a program killed by SIGPIPE does.
+    """
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, rather than at interpreter exit
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+    return status
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
     arguments = parser.parse_args(argv)
     try:
@@ -27,6 +45,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trainbus: error: {exc}", file=sys.stderr)
         return 2
     return status
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device: what is still buffered would fail again at exit."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a file (a test's capture): nothing is flushed at exit
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, descriptor)
+    finally:
+        os.close(null)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,7 +118,8 @@ def _demo(arguments: argparse.Namespace) -> int:
 
     maps = arguments.maps or Path("runs") / _dt.datetime.now().strftime("demo-%Y%m%d-%H%M%S")
     epochs = arguments.epochs or DEFAULT_EPOCHS
-    print(f"trainbus demo: training a small CNN on the digits data set into {maps}")
+    # Flushed now: a reader sees it before training starts, in order with the log on stderr.
+    print(f"trainbus demo: training a small CNN on the digits data set into {maps}", flush=True)
     result = run_demo(maps, epochs=epochs, seed=arguments.seed)
     print()
     print("Summary")
@@ -121,8 +153,18 @@ def _plan(arguments: argparse.Namespace) -> int:
     else:
         print(f"dispatch plan of rank {placement.rank} of {placement.world_size}")
         print()
+        print(format_settings(trainer.settings.record()))
+        print()
         print(format_plan(rows))
     return 0
+
+
+def format_settings(settings: dict[str, Any]) -> str:
+    """The loop settings (what ``maps.json`` records under ``trainer``) as aligned lines."""
+    width = max(len(name) for name in settings)
+    lines = ["loop settings"]
+    lines.extend(f"  {name.ljust(width)}  {value!r}" for name, value in settings.items())
+    return "\n".join(lines)
 
 
 class _TrainerBuilt(BaseException):

@@ -73,6 +73,19 @@ class PluginError(TrainbusError):
     """A plugin could not be loaded: the message names its distribution, version and entry point."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was stopped by a signal in an interactive session (a notebook, a REPL).
+
+    A script exits with status 128 + the signal number instead, as a shell expects.
+    ``signal`` is the signal's number; ``training_state`` the state written, if any.
+    """
+
+    def __init__(self, message: str, *, signal: int, training_state: str | None) -> None:
+        super().__init__(message)
+        self.signal = signal
+        self.training_state = training_state
+
+
 class TrainbusWarning(UserWarning):
     """Base class of every warning emitted by trainbus."""
 

@@ -198,7 +198,12 @@ def kept_defaults(defaults: DefaultsChoice) -> list[type[Callback]]:
 
 
 def check_metric_names(callback: Callback, metrics: Mapping[str, BoundMetric]) -> None:
-    """Refuse a callback that monitors a metric the Trainer does not compute."""
+    """Refuse a callback that monitors a metric the Trainer does not compute; describe the rest.
+
+    A callback with a ``resolve_metrics(infos)`` method then receives every metric's
+    :class:`~trainbus.engine.metrics.MetricInfo` by name (the built-ins take the monitored
+    metric's direction from it), on every rank, before any state is restored.
+    """
     for name in getattr(callback, "metric_names", lambda: ())():
         if name not in metrics:
             close = closest_names(name, metrics)
@@ -208,3 +213,6 @@ def check_metric_names(callback: Callback, metrics: Mapping[str, BoundMetric]) -
                 f"not compute.{hint} Known metrics: {sorted(metrics)}. Add it to "
                 "Trainer(metrics=...) or monitor one of those."
             )
+    resolve = getattr(callback, "resolve_metrics", None)
+    if callable(resolve):
+        resolve({name: metric.info for name, metric in metrics.items()})

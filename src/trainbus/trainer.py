@@ -11,28 +11,30 @@ the command policy (:mod:`trainbus.engine.policy`), checkpoint writing
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import inspect
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import torch
 
 from trainbus.engine import distributed as dist_tools
-from trainbus.engine import record, restore
+from trainbus.engine import record
 from trainbus.engine.batches import check_loader
 from trainbus.engine.call import CallRunner
-from trainbus.engine.compute import Precision, resolve_device, resolve_precision, seed_everything
+from trainbus.engine.compute import Precision, resolve_device, resolve_precision
 from trainbus.engine.core import Engine
 from trainbus.engine.loop import TrainingLoop
 from trainbus.engine.maps import MAPS_FILE, Maps
 from trainbus.engine.metrics import BoundMetric, MetricSpec, bind_metrics
 from trainbus.engine.model import Model
-from trainbus.engine.policy import Boundary
 from trainbus.engine.saving import Saver
 from trainbus.engine.settings import LoopSettings, loop_settings, positive_int, recorded_settings
 from trainbus.engine.state import TrainerState
+from trainbus.engine.training import run_training
 from trainbus.engine.weights import load_weights
 from trainbus.errors import (
     ConfigurationError,
@@ -41,8 +43,6 @@ from trainbus.errors import (
 )
 from trainbus.events.bus import EventBus
 from trainbus.events.callback import Callback
-from trainbus.events.catalog import EVENTS
-from trainbus.events.marker import Mark, OnError, Predicate, add_mark
 from trainbus.events.plugins import PluginRecord
 from trainbus.handlers.model_checkpoint import check_tag_conflicts
 from trainbus.registration import (
@@ -54,17 +54,23 @@ from trainbus.registration import (
     register_callbacks,
     resolve_callbacks,
 )
+from trainbus.subscribing import Subscribing
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class Trainer:
+class Trainer(Subscribing):
     """Train, validate, test and predict with a :class:`~trainbus.Model`, announcing every step.
 
     Arguments (every keyword has a default):
 
     - ``maps``: the experiment directory; it must not exist yet (or be empty) unless
       ``overwrite=True``. It is created by the first call to train/validate/test/predict.
+      A ``{version}`` in its last component names a new run: ``"runs/digits/v{version}"``
+      becomes ``runs/digits/v3`` when ``v1`` and ``v2`` exist; the directory is reserved
+      (created empty) at once, so two runs started together get different numbers, and the
+      path is printed (``trainbus: MAPS runs/digits/v3``). With ``overwrite=True`` it is
+      refused (there is nothing to replace); :meth:`from_maps` takes the newest existing one.
     - ``model``: a :class:`~trainbus.Model` (e.g. :class:`~trainbus.SupervisedModel`).
     - ``metrics``: ``{name: LossMetricConfig | torchmetrics.Metric | TorchMetricConfig}``;
       default ``{"loss": LossMetricConfig("loss")}``.
@@ -72,14 +78,27 @@ class Trainer:
     - ``default_callbacks``: ``True`` (the defaults), ``False`` (none), the default types to
       keep, or ``{DefaultType: False}`` to switch single defaults off.
     - ``max_epochs``, ``val_every_n_epochs``, ``log_every_n_batches``: loop lengths.
+      ``max_steps``: optimizer steps (training ends at whichever of ``max_epochs`` and
+      ``max_steps`` comes first); ``max_time``: seconds (or a ``timedelta``) of one
+      ``train()`` call, ending with a resumable stop and a training state, so that a resume
+      continues (with a fresh budget). A limit reached inside an epoch pauses there, as a
+      resumable stop does; reached at an epoch's last batch, the epoch ends as usual.
+    - ``limit_train_batches`` / ``limit_val_batches``: batches per epoch / per validation,
+      as a count (int) or a fraction of the loader's length (float; ``0`` skips validation).
+    - ``val_check_interval``: validate every N training batches inside each epoch too (an
+      int, or a float fraction of the epoch); ``validate_last_epoch`` (default True): the
+      last epoch is validated even when ``val_every_n_epochs`` does not divide its number.
+    - ``fast_dev_run=True``: a smoke test of the script: one training batch, one validation
+      batch, in a temporary MAPS that is deleted afterwards (nothing is kept).
     - ``accumulate_grad_batches``: batches per optimizer step (a short last group is stepped
       too, with gradients rescaled to a mean over its batches).
     - ``gradient_clip_val`` / ``gradient_clip_algorithm`` (``"norm"`` or ``"value"``):
       clipping after unscaling.
     - ``device`` (``"auto"``, ``"cpu"``, ``"cuda:N"``), ``precision`` (``"32"``, ``"bf16"``,
       ``"16"``), ``compile`` (``False``, ``True`` or ``torch.compile`` keyword arguments).
-    - ``seed``: seeds Python, NumPy and torch when given (recorded in ``maps.json``);
-      ``deterministic``: deterministic algorithms during each call.
+    - ``seed``: seeds Python, NumPy and torch when given (recorded in ``maps.json``); the
+      model's weights only if ``seed_everything(seed)`` came before building it (else a
+      warning). ``deterministic``: deterministic algorithms during each call.
     - ``nonfinite_loss``: ``"stop"`` (default) ends training at the log interval where a NaN
       or infinite mean loss shows (no per-step sync), naming the steps; ``"skip"`` checks
       every step (a host-device sync per step) and skips the update of such a batch.
@@ -114,6 +133,13 @@ class Trainer:
         seed: int | None = None,
         deterministic: bool = False,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
+        max_steps: int | None = None,
+        max_time: float | datetime.timedelta | None = None,
+        limit_train_batches: int | float = 1.0,
+        limit_val_batches: int | float = 1.0,
+        val_check_interval: int | float | None = None,
+        validate_last_epoch: bool = True,
+        fast_dev_run: bool = False,
         default_callbacks: bool | Iterable[type[Callback]] | Mapping[type[Callback], bool] = True,
         overwrite: bool = False,
         plugins: Literal["auto"] | Sequence[str] | bool = "auto",
@@ -136,6 +162,13 @@ class Trainer:
             compile=compile,
             deterministic=deterministic,
             nonfinite_loss=nonfinite_loss,
+            max_steps=max_steps,
+            max_time=max_time,
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            val_check_interval=val_check_interval,
+            validate_last_epoch=validate_last_epoch,
+            fast_dev_run=fast_dev_run,
         )
         placement = dist_tools.detect_placement()
         resolved_device = resolve_device(dist_tools.device_for(placement, device))
@@ -146,8 +179,20 @@ class Trainer:
                 "existing MAPS, or leave it False"
             )
         default_callbacks = defaults_choice(default_callbacks)
-        chosen_seed = None if seed is None else seed_everything(seed)
-        handle = maps if isinstance(maps, Maps) else Maps(maps, overwrite=overwrite)
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        if settings.fast_dev_run:
+            # Nothing of a smoke test is kept: its MAPS is deleted with the Trainer.
+            self._scratch = tempfile.TemporaryDirectory(prefix="trainbus-fast-dev-run-")
+            handle = Maps(os.path.join(self._scratch.name, "maps"))
+            if placement.is_main:
+                print(
+                    "trainbus: fast_dev_run: 1 training batch and 1 validation batch in a "
+                    f"temporary MAPS, deleted afterwards ({str(maps)!r} is not touched)",
+                    flush=True,
+                )
+        else:
+            handle = maps if isinstance(maps, Maps) else Maps(maps, overwrite=overwrite)
+        chosen_seed, weights_seeded = record.seeding(seed, handle)
         bound_metrics = bind_metrics(metrics)
         bus = EventBus(rank=placement.rank)
         plugin_records, loaded = load_plugins(plugins, block)
@@ -168,6 +213,7 @@ class Trainer:
             device=resolved_device,
             precision=resolved_precision,
             seed=chosen_seed,
+            weights_seeded=weights_seeded,
             plugins=plugin_records,
             defaults_kept=[t.__name__ for t in kept_defaults(default_callbacks)],
             ddp_options=dist_tools.ddp_arguments(ddp_options),
@@ -197,7 +243,8 @@ class Trainer:
         objects, passed again, and ``compile``, ``device``, ``plugins`` and ``ddp_options``
         are taken from the arguments only. ``train()`` then resumes from the newest valid
         training state; ``weights`` names a model checkpoint (e.g. ``"best-loss"``) to load
-        now, for validate/test/predict.
+        now, for validate/test/predict. A ``{version}`` in ``maps`` names the newest existing
+        run (``"runs/digits/v{version}"``: the highest ``vN`` there).
         """
         allowed = {
             name
@@ -209,7 +256,7 @@ class Trainer:
             raise ConfigurationTypeError(
                 f"Trainer.from_maps got unknown settings {unknown}; it takes {sorted(allowed)}"
             )
-        handle = Maps(maps)
+        handle = Maps(maps, version="latest")
         reused = recorded_settings(handle)
         if isinstance(reused.get("default_callbacks"), list):
             reused["default_callbacks"] = default_types_named(reused["default_callbacks"])
@@ -257,6 +304,30 @@ class Trainer:
         epochs = positive_int("max_epochs", value)
         engine.settings = dataclasses.replace(engine.settings, max_epochs=epochs)
         engine.state.update(max_epochs=epochs)
+
+    @property
+    def estimated_stepping_batches(self) -> int:
+        """The optimizer steps the running ``train()`` takes in all, for schedules.
+
+        ``max_epochs`` times the steps of one epoch (accumulation, ``limit_train_batches`` and,
+        under torchrun, this rank's share of the data included), capped by ``max_steps``;
+        a resumed run counts from its start. Known from the start of ``train()``: read it
+        in a scheduler factory, which :class:`~trainbus.LRSchedulerCallback` calls at
+        ``train_start``, e.g. ``lambda opt: OneCycleLR(opt, 0.1,
+        total_steps=trainer.estimated_stepping_batches)``.
+        """
+        steps = self._engine.stepping_batches
+        if steps is None:
+            raise ConfigurationError(
+                "estimated_stepping_batches is not known: "
+                + (
+                    "train_loader has no length; pass max_steps=... (or a loader with a length)"
+                    if self._engine.stepping_estimated
+                    else "train() has not started yet; read it from train_start on (e.g. in "
+                    "the scheduler factory given to LRSchedulerCallback)"
+                )
+            )
+        return steps
 
     @property
     def accumulate_grad_batches(self) -> int:
@@ -332,97 +403,23 @@ class Trainer:
         """What ``maps.json`` holds: versions, configuration, dispatch plan and every call."""
         return record.describe(self._engine)
 
-    def plan(self, event: str | None = None) -> list[dict[str, Any]]:
-        """The dispatch plan as JSON-ready rows (see :meth:`EventBus.plan`)."""
-        return [entry.as_dict() for entry in self._engine.bus.plan(event)]
-
-    # ---------------------------------------------------------------- subscribing
-    def on(
-        self,
-        event: str,
-        *,
-        priority: int = 0,
-        every: int | None = None,
-        once: int | bool | None = None,
-        when: Predicate | None = None,
-        on_error: OnError = "raise",
-        id: str | None = None,
-        before: str | Sequence[str] = (),
-        after: str | Sequence[str] = (),
-        reverse: bool = False,
-        rank_zero_only: bool = False,
-    ) -> Callable[[F], F]:
-        """Decorator: subscribe a function to ``event`` on this trainer's bus.
-
-        ``before``/``after`` name subscriber ids (or callback ids) this one must precede or
-        follow whatever the priorities say; ``reverse=True`` at an end event mirrors the
-        order of the paired start event (see :class:`~trainbus.events.marker.Options`);
-        ``rank_zero_only=True`` calls it on rank 0 only in a run launched by torchrun.
-
-        ::
-
-            @trainer.on("epoch_end", priority=5, every=2)
-            def report(*, state):
-                print(state.current_epoch, dict(state.metrics))
-        """
-
-        def register(function: F) -> F:
-            subscription = self._engine.bus.subscribe(
-                event,
-                function,
-                priority=priority,
-                every=every,
-                once=once,
-                when=when,
-                on_error=on_error,
-                id=id,
-                before=before,
-                after=after,
-                reverse=reverse,
-                source="user",
-                rank_zero_only=rank_zero_only,
-            )
-            return add_mark(function, Mark(event, subscription.options))
-
-        return register
-
-    def emit(self, event: str, /, **payload: Any) -> None:
-        """Emit a custom event (declared with ``trainer.bus.declare``) with its payload names.
-
-        Only inside a call (from a handler, or from code the loop runs), on the thread that
-        runs it. Commands its handlers return follow the loop's rules: a save is carried out
-        at the loop's next boundary (see :mod:`trainbus.engine.policy`).
-        """
-        bus = self._engine.bus
-        spec = bus.spec(event)
-        if event in EVENTS:
-            raise ConfigurationError(
-                f"emit({event!r}): built-in events are announced by the loop only; declare a "
-                "custom event (trainer.bus.declare(EventSpec(...))) and emit that"
-            )
-        given = set(payload)
-        expected = set(spec.payload)
-        if given != expected:
-            raise ConfigurationError(
-                f"emit({event!r}) got payload {sorted(given)}, but the event declares "
-                f"{sorted(expected)} (state, model and maps are added by the trainer)"
-            )
-        self._calls.check_emitting(event)
-        self._engine.dispatcher.emit(event, **payload)
-
     # ---------------------------------------------------------------- the four calls
     def train(
         self,
         train_loader: Iterable[Any],
         val_loader: Iterable[Any] | None = None,
         *,
-        resume: bool | None = None,
+        resume: bool | Literal["auto"] | None = None,
     ) -> TrainerState:
         """Train for ``max_epochs`` (or until a handler asks to stop); returns the final state.
 
         ``resume=True`` continues from the newest valid training state of the MAPS, exactly
         where it was written (mid-epoch included), or starts afresh when the MAPS does not
         exist yet; the default is ``True`` for a Trainer built by :meth:`from_maps`.
+        ``resume="auto"`` (for a script run again until it succeeds) does the same, and also
+        starts afresh in a MAPS whose every call failed before a training state was written:
+        that MAPS is replaced, its failed calls kept in ``maps.json``. A MAPS that holds no
+        training state but a call that did not fail is refused, as with ``True``.
         """
         check_loader("train_loader", train_loader)
         if val_loader is not None:
@@ -433,40 +430,9 @@ class Trainer:
             resume = engine.adopt_maps or (
                 engine.placement.restart_count > 0 and engine.maps.is_maps()
             )
-        elif not isinstance(resume, bool):
-            raise ConfigurationTypeError(f"resume={resume!r} is not a bool")
-        dispatcher = engine.dispatcher
-        with calls.exclusive("train"), calls.distributed():
-            train_loader = self._calls.shard(train_loader, "train_loader", training=True)
-            if val_loader is not None:
-                val_loader = self._calls.shard(val_loader, "val_loader", training=False)
-            found = (
-                self._saver.on_main(functools.partial(restore.resume_point, engine))
-                if resume
-                else None
-            )
-            self._loop.train_loader = train_loader
-            with dispatcher.signals, calls.lifecycle("train", adopt=found is not None):
-                if engine.prepare_training():
-                    self._saver.on_main(functools.partial(record.write, engine))
-                if found is not None:
-                    restore.restore(engine, self._loop, found, train_loader)
-                elif self._loop.fresh:
-                    for callback in engine.callbacks:
-                        callback.reset()
-                dispatcher.emit("train_start", optimizers=engine.optimizers, bus=engine.bus)
-                if found is not None:
-                    dispatcher.emit("resume", checkpoint=found.path)
-                dispatcher.agree()
-                self._saver.at_boundary(Boundary.TRAINING, "train_start")
-                self._loop.train(train_loader, val_loader)
-                dispatcher.emit("train_end")
-                dispatcher.agree()
-                self._saver.at_boundary(Boundary.TRAINING, "train_end")
-        received = dispatcher.signal_received()
-        if received:
-            # After teardown: logs are flushed and the training state is written.
-            raise SystemExit(128 + received)
+        elif not isinstance(resume, bool) and not (isinstance(resume, str) and resume == "auto"):
+            raise ConfigurationTypeError(f"resume={resume!r} is not True, False or 'auto'")
+        run_training(calls, self._loop, self._saver, train_loader, val_loader, resume)
         return self.state
 
     def validate(self, loader: Iterable[Any]) -> dict[str, float]:

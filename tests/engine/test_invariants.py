@@ -349,7 +349,7 @@ def test_a_one_shot_generator_is_named_at_the_second_epoch(
 ) -> None:
     batches = (batch for batch in make_loader())
     trainer = quiet_trainer(max_epochs=2)
-    with pytest.raises(DataError, match=r"at epoch 1 .* generator is a one-shot iterator"):
+    with pytest.raises(DataError, match=r"at epoch 2 .* generator is a one-shot iterator"):
         trainer.train(batches)
     assert trainer.state.iteration == 6
 

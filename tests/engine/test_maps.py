@@ -21,7 +21,7 @@ from trainbus import (
     MetricsWriterCallback,
     Trainer,
 )
-from trainbus.errors import MapsError, MapsExistsError, UnsafePathError
+from trainbus.errors import MapsError, MapsExistsError, TrainbusWarning, UnsafePathError
 
 from ..conftest import make_loader, make_model
 
@@ -29,21 +29,26 @@ from ..conftest import make_loader, make_model
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, list[float]]:
     path = tmp_path_factory.mktemp("run") / "maps"
-    trainer = Trainer(
-        path,
-        make_model(),
-        metrics={
-            "loss": LossMetricConfig(),
-            "accuracy": torchmetrics.Accuracy(task="multiclass", num_classes=2),
-        },
-        callbacks=[EarlyStoppingCallback("loss", patience=5), LoggerCallback(stream=io.StringIO())],
-        default_callbacks=[MetricsWriterCallback],
-        max_epochs=2,
-        log_every_n_batches=4,
-        accumulate_grad_batches=2,
-        device="cpu",
-        seed=7,
-    )
+    # make_model seeds its own weights: seed=7 covers what comes after them only.
+    with pytest.warns(TrainbusWarning, match="initial weights were not seeded"):
+        trainer = Trainer(
+            path,
+            make_model(),
+            metrics={
+                "loss": LossMetricConfig(),
+                "accuracy": torchmetrics.Accuracy(task="multiclass", num_classes=2),
+            },
+            callbacks=[
+                EarlyStoppingCallback("loss", patience=5),
+                LoggerCallback(stream=io.StringIO()),
+            ],
+            default_callbacks=[MetricsWriterCallback],
+            max_epochs=2,
+            log_every_n_batches=4,
+            accumulate_grad_batches=2,
+            device="cpu",
+            seed=7,
+        )
     batch_losses: list[float] = []
 
     @trainer.on("batch_end")
@@ -67,6 +72,7 @@ def test_maps_json_records_versions_seed_and_trainer_configuration(
         "versions",
         "command",
         "seed",
+        "initial_weights_seeded",
         "trainer",
         "model",
         "optimizers",
@@ -82,6 +88,7 @@ def test_maps_json_records_versions_seed_and_trainer_configuration(
         "python": platform.python_version(),
     }
     assert maps["seed"] == 7
+    assert maps["initial_weights_seeded"] is False
     assert maps["trainer"] == {
         "max_epochs": 2,
         "val_every_n_epochs": 1,
@@ -94,6 +101,13 @@ def test_maps_json_records_versions_seed_and_trainer_configuration(
         "compile": None,
         "deterministic": False,
         "nonfinite_loss": "stop",
+        "max_steps": None,
+        "max_time": None,
+        "limit_train_batches": 1.0,
+        "limit_val_batches": 1.0,
+        "val_check_interval": None,
+        "validate_last_epoch": True,
+        "fast_dev_run": False,
         "default_callbacks": ["MetricsWriterCallback"],
     }
 

@@ -7,10 +7,11 @@ from typing import Any
 import pytest
 import torch
 import torchmetrics
+import torchmetrics.aggregation
 from torch import nn
 
 from trainbus import LossMetricConfig, SupervisedModel, TorchMetricConfig, Trainer, TrainerState
-from trainbus.engine.metrics import bind_metrics, is_better
+from trainbus.engine.metrics import MetricInfo, bind_metrics, is_better
 from trainbus.errors import ConfigurationError, ConfigurationTypeError, ModelContractError
 
 from ..conftest import make_dataset, make_loader, make_model
@@ -117,6 +118,35 @@ def test_a_torchmetrics_metric_is_computed_into_state_and_payload(
     assert type(state.metrics["accuracy"]) is float
     assert 0.0 <= state.metrics["accuracy"] <= 1.0
     assert trainer.metrics["accuracy"].higher_is_better is True
+
+
+def test_maps_json_names_each_metric_by_the_class_the_user_passed(
+    quiet_trainer: Callable[..., Trainer],
+) -> None:
+    trainer = quiet_trainer(
+        device="cpu",
+        metrics={
+            "loss": LossMetricConfig(),
+            "accuracy": accuracy_metric(),
+            "wrapped": TorchMetricConfig(torchmetrics.MeanSquaredError()),
+            "mean": torchmetrics.aggregation.MeanMetric(),
+        },
+        max_epochs=1,
+    )
+    assert {name: metric.info for name, metric in trainer.metrics.items()} == {
+        "loss": MetricInfo("LossMetricConfig", higher_is_better=False, declared=False),
+        "accuracy": MetricInfo("MulticlassAccuracy", higher_is_better=True, declared=True),
+        "wrapped": MetricInfo("MeanSquaredError", higher_is_better=False, declared=True),
+        "mean": MetricInfo("MeanMetric", higher_is_better=None, declared=False),
+    }
+    trainer.train(make_loader(16))
+    recorded = trainer.maps.read_json("maps.json")["metrics"]
+    assert recorded == {
+        "loss": {"class": "LossMetricConfig", "higher_is_better": False},
+        "accuracy": {"class": "MulticlassAccuracy", "higher_is_better": True},
+        "wrapped": {"class": "MeanSquaredError", "higher_is_better": False},
+        "mean": {"class": "MeanMetric", "higher_is_better": None},
+    }
 
 
 def test_torch_metric_config_reads_the_configured_keys(

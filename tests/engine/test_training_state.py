@@ -204,7 +204,8 @@ def test_resume_quarantines_a_corrupt_newer_state_with_a_warning(maps_path: Path
 
 
 def test_from_maps_reuses_the_recorded_settings_and_accepts_overrides(maps_path: Path) -> None:
-    trained(maps_path, epochs=2, log_every_n_batches=2, accumulate_grad_batches=2, seed=3)
+    with pytest.warns(TrainbusWarning, match="initial weights were not seeded"):
+        trained(maps_path, epochs=2, log_every_n_batches=2, accumulate_grad_batches=2, seed=3)
     trainer = Trainer.from_maps(
         maps_path,
         make_model(),

@@ -858,7 +858,9 @@ def test_plan_of_a_file_shows_user_and_plugin_subscribers_without_training(
     maps = tmp_path / "experiment-maps"
     assert main(["plan", str(script), str(maps)]) == 0
     table = capsys.readouterr().out
-    lines = table.splitlines()
+    settings, plan = table.split("\n\n", 2)[1:]
+    assert settings.startswith("loop settings\n  max_epochs ")
+    lines = [*table.split("\n\n", 1)[0].splitlines(), *plan.splitlines()]
     assert [line for line in lines if line and not line.startswith(" ")] == [
         "dispatch plan of rank 0 of 1",
         "train_start",

@@ -113,7 +113,7 @@ def of_kind(entries: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
 def test_progress_on_a_non_terminal_stream_is_plain_lines(
     quiet_trainer: Callable[..., Trainer], clock: Clock
 ) -> None:
-    _, output = console_run(quiet_trainer, clock=clock)
+    trainer, output = console_run(quiet_trainer, clock=clock)
     assert "\r" not in output
     lines = output.splitlines()
     assert all(LINE.match(line) for line in lines), output
@@ -124,9 +124,12 @@ def test_progress_on_a_non_terminal_stream_is_plain_lines(
         "epoch_end",
         "train_end",
     ]
-    assert "epoch=0 batch=6/6 loss=" in lines[1]
-    assert re.search(r"epoch_end +epoch=0 train_loss=[\d.]+ val_loss=[\d.]+ ", lines[2])
-    assert re.search(r"epoch_end +epoch=1 train_loss=[\d.]+ val_loss=[\d.]+ ", lines[3])
+    # People read epochs from 1, as the progress bar counts them; the JSON lines from 0.
+    assert "epoch=1/2 batch=6/6 loss=" in lines[1]
+    assert re.search(r"epoch_end +epoch=1/2 train_loss=[\d.]+ val_loss=[\d.]+ ", lines[2])
+    assert re.search(r"epoch_end +epoch=2/2 train_loss=[\d.]+ val_loss=[\d.]+ ", lines[3])
+    entries = log_entries(trainer)
+    assert [e["epoch"] for e in of_kind(entries, "epoch_end")] == [0, 1]
 
 
 @pytest.mark.parametrize("console_interval", [10.0, 0.05])
@@ -164,10 +167,10 @@ def test_console_lines_to_a_file_are_bounded_however_often_the_loss_is_logged(
 @pytest.mark.parametrize(
     ("console_interval", "seconds_per_batch", "shown"),
     [
-        (10.0, 4.0, [("0", "1/6"), ("0", "4/6"), ("1", "1/6"), ("1", "4/6")]),
-        (25.0, 4.0, [("0", "1/6"), ("1", "2/6")]),
-        (4.0, 4.0, [(str(i // 6), f"{i % 6 + 1}/6") for i in range(12)]),
-        (10.0, 0.0, [("0", "1/6")]),
+        (10.0, 4.0, [("1", "1/6"), ("1", "4/6"), ("2", "1/6"), ("2", "4/6")]),
+        (25.0, 4.0, [("1", "1/6"), ("2", "2/6")]),
+        (4.0, 4.0, [(str(i // 6 + 1), f"{i % 6 + 1}/6") for i in range(12)]),
+        (10.0, 0.0, [("1", "1/6")]),
     ],
 )
 def test_loss_lines_are_at_least_console_interval_apart(
@@ -184,7 +187,7 @@ def test_loss_lines_are_at_least_console_interval_apart(
         seconds_per_batch=seconds_per_batch,
         console_interval=console_interval,
     )
-    assert re.findall(r"train_loss +epoch=(\d) batch=(\d/6)", output) == shown
+    assert re.findall(r"train_loss +epoch=(\d)/2 batch=(\d/6)", output) == shown
     assert len(output.splitlines()) == 2 + 2 + len(shown)
     assert len(of_kind(log_entries(trainer), "train_loss")) == 12
     seconds = 6 * seconds_per_batch
@@ -210,7 +213,7 @@ def test_the_epoch_summary_line_has_loss_metrics_improvement_and_time(
     entries = of_kind(log_entries(trainer), "epoch_end")
     assert len(summaries) == len(entries) == 2
     for line, entry in zip(summaries, entries, strict=True):
-        assert f"epoch={entry['epoch']} train_loss={entry['train_loss']} " in line
+        assert f"epoch={entry['epoch'] + 1}/2 train_loss={entry['train_loss']} " in line
         assert f"val_loss={entry['metrics']['loss']} " in line
         assert line.endswith(" time=9.0s")
         assert ("improved=loss" in line) == (entry["improved"] == ["loss"])
@@ -430,6 +433,33 @@ def test_validate_and_exception_are_logged(quiet_trainer: Callable[..., Trainer]
     assert failure["exception"].startswith("Traceback (most recent call last):")
     assert "in explode" in failure["exception"]
     assert logger._file is None
+
+
+def test_an_exception_line_names_the_epoch_as_the_console_does(
+    quiet_trainer: Callable[..., Trainer],
+) -> None:
+    stream = io.StringIO()
+    trainer = quiet_trainer(callbacks=[LoggerCallback(stream=stream)])
+
+    @trainer.on("batch_end", when=lambda s: s.iteration == 8)
+    def explode() -> None:
+        raise RuntimeError("kaboom")
+
+    with pytest.raises(RuntimeError, match="kaboom"):
+        trainer.train(make_loader())
+
+    @trainer.on("evaluation_step_end")
+    def fail_evaluation() -> None:
+        raise RuntimeError("evaluation failed")
+
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        trainer.validate(make_loader(16))
+    failures = [line for line in stream.getvalue().splitlines() if " exception " in line]
+    assert len(failures) == 2
+    assert " stage=train epoch=2/2 iteration=8 " in failures[0]
+    # Outside training no epoch runs: none is named.
+    assert " stage=validate iteration=8 " in failures[1]
+    assert [e["epoch"] for e in of_kind(log_entries(trainer), "exception")] == [1, 1]
 
 
 def test_non_finite_numbers_keep_every_line_strict_json(
@@ -701,7 +731,8 @@ def test_a_resume_is_recorded_with_the_state_it_resumed_from(
 
     output = stream.getvalue()
     resume_line = next(line for line in output.splitlines() if " resume " in line)
-    assert f"state={state_name} epoch={resumed_epoch}" in resume_line
+    # Counted from 1 like the bar below, which opens on the same epoch.
+    assert f"state={state_name} epoch={resumed_epoch + 1}/2" in resume_line
     assert (f"batch={batch}" in resume_line) is in_epoch
     # The bar of the resumed epoch opens at the position the run resumes from.
     opened = re.findall(rf"epoch {resumed_epoch + 1}/2: +\d+%\|[^|]*\| *(\d)/6", output)

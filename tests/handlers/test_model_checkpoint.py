@@ -677,7 +677,6 @@ def _tags_written_in(callback: ModelCheckpointCallback, epochs: int) -> set[str]
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"metric": "accuracy"}, r"ModelCheckpointCallback cannot tell whether 'accuracy' should"),
         ({"metric": ""}, r"metric='' is not a metric name or None"),
         ({"metric": 5}, r"metric=5 is not a metric name or None"),
         (

@@ -13,8 +13,11 @@ import pytest
 import torch
 
 from trainbus import (
+    EarlyStoppingCallback,
     LoggerCallback,
+    ModelCheckpointCallback,
     MonitorCallback,
+    SaveCheckpoint,
     Stop,
     Trainer,
     TrainerState,
@@ -51,8 +54,10 @@ def assert_plausible_epoch(entry: dict[str, Any]) -> None:
         "checkpoint_seconds",
     ):
         assert entry[key] >= 0, key
-    spent = entry["data_seconds"] + entry["compute_seconds"] + entry["checkpoint_seconds"]
-    assert spent <= entry["train_seconds"] + 1e-5
+    # Saves are their own part, outside training: data and compute are training's.
+    assert entry["data_seconds"] + entry["compute_seconds"] <= entry["train_seconds"] + 1e-5
+    assert entry["checkpoints"] >= 0
+    assert (entry["checkpoint_seconds"] > 0) == (entry["checkpoints"] > 0)
     assert entry["samples_per_second"] > 0
 
 
@@ -174,6 +179,49 @@ def test_checkpoint_writes_between_batches_are_not_waiting_for_data(
     assert len(saves) >= 3
     assert entry["checkpoint_seconds"] > 0
     assert_plausible_epoch(entry)
+
+
+def test_every_save_is_counted_with_its_time(quiet_trainer: Callable[..., Trainer]) -> None:
+    stream = io.StringIO()
+    trainer = quiet_trainer(
+        device="cpu",
+        callbacks=[
+            MonitorCallback(stream=stream),
+            ModelCheckpointCallback("loss"),  # at epoch ends
+            TrainingCheckpointCallback(every_n_steps=4),  # between batches and at epoch ends
+            # Asked at validation_end, written at the epoch's end.
+            EarlyStoppingCallback("loss", restore_best_weights=True),
+        ],
+        max_epochs=2,
+    )
+    trainer.on("train_start")(lambda: SaveCheckpoint("at-start"))
+    trainer.on("train_end")(lambda: SaveCheckpoint("at-end"))
+    where: list[str] = []
+    phase = ["start"]
+    trainer.on("epoch_start")(lambda *, state: phase.__setitem__(0, str(state.current_epoch)))
+    trainer.on("train_end", priority=100)(lambda: phase.__setitem__(0, "end"))
+    pause = 0.01
+
+    @trainer.on("checkpoint", priority=100)
+    def slow_write() -> None:
+        # Before the monitor's own handler: as if every write took this much longer.
+        where.append(phase[0])
+        time.sleep(pause)
+
+    trainer.train(make_loader(), make_loader(16))
+    report = report_of(trainer)
+    assert report["checkpoints"] == len(where) > 8
+    assert report["checkpoint_seconds"] >= 0.99 * pause * len(where)
+    for index, entry in enumerate(report["epochs"]):
+        assert entry["checkpoints"] == where.count(str(index)) >= 3
+        assert entry["checkpoint_seconds"] >= 0.99 * pause * entry["checkpoints"]
+        assert_plausible_epoch(entry)
+    assert where.count("start") == where.count("end") == 1
+    parts = ("train_seconds", "validation_seconds", "checkpoint_seconds", "other_seconds")
+    assert sum(report[key] for key in parts) == pytest.approx(report["total_seconds"], abs=1e-5)
+    (line,) = [line for line in stream.getvalue().splitlines() if "checkpoints" in line]
+    assert float(line.split()[1]) == pytest.approx(report["checkpoint_seconds"], abs=1e-3)
+    assert line.endswith(f"  {len(where)} saves")
 
 
 @pytest.mark.parametrize(
@@ -325,10 +373,11 @@ def test_table_shows_phases_memory_and_the_slowest_subscriber_first(
         "training",
         "waiting for data",
         "compute (host)",
-        "checkpoints",
         "validation",
+        "checkpoints",
         "other",
     ]
+    assert lines[6].endswith("  0 saves")
     train_line = lines[2].split()
     assert float(train_line[1]) == pytest.approx(report["train_seconds"], abs=1e-3)
     assert "samples/s of training time" in text
@@ -556,6 +605,7 @@ def test_a_state_without_monitor_data_starts_afresh() -> None:
         "seconds": 0.0,
         "resumes": 0,
         "subscribers": [],
+        "outside_checkpoints": {"count": 0, "seconds": 0.0},
     }
 
 
@@ -667,6 +717,11 @@ def test_monitor_json_after_a_resume_covers_the_whole_training(tmp_path: Path) -
     assert [entry["resumed"] for entry in epochs] == [False, True, False]
     for entry in epochs:
         assert_plausible_epoch(entry)
+    # A state every 4 steps and one at each epoch's end (the last is training's end too):
+    # steps 4, 6 | 8, 12, 12 | 16, 18. The state of step 8, resumed from, holds the record
+    # from before its own write, so epoch 1 counts two.
+    assert [entry["checkpoints"] for entry in epochs] == [2, 2, 2]
+    assert report["checkpoints"] == 6
     assert report["resumes"] == 1
     assert report["samples"] == 144
     assert report["total_seconds"] >= report["train_seconds"] + report["validation_seconds"]

@@ -13,6 +13,7 @@ from torch import nn
 
 from trainbus.demo.data import digits_loaders
 from trainbus.demo.network import DigitsCNN
+from trainbus.engine.compute import seed_everything
 from trainbus.engine.maps import Maps
 from trainbus.engine.metrics import LossMetricConfig
 from trainbus.engine.model import SupervisedModel
@@ -44,7 +45,7 @@ def build_trainer(
     overwrite: bool = False,
 ) -> Trainer:
     """The demo's Trainer: DigitsCNN, cross-entropy, Adam, accuracy, early stopping, checkpoints."""
-    torch.manual_seed(seed)
+    seed_everything(seed)
     model = SupervisedModel(
         DigitsCNN(),
         nn.CrossEntropyLoss(),

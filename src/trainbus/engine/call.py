@@ -22,7 +22,8 @@ import datetime as _dt
 import functools
 import os
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal, TypeVar
 
 from trainbus.engine import checkpoint, record
@@ -31,6 +32,7 @@ from trainbus.engine.compute import DeterministicMode
 from trainbus.engine.core import Engine
 from trainbus.engine.maps import CHECKPOINTS_DIR, MAPS_FILE, TRAINING_DIR
 from trainbus.engine.saving import Saver
+from trainbus.engine.summary import format_summary, train_summary
 from trainbus.errors import CallInProgressError, ConfigurationError
 from trainbus.events.text import escape_control
 
@@ -47,6 +49,7 @@ class CallRunner:
         self.running: str | None = None
         self._thread: int | None = None
         self._lock = threading.Lock()
+        self._started = 0.0
 
     @contextlib.contextmanager
     def exclusive(self, stage: str) -> Iterator[None]:
@@ -107,8 +110,18 @@ class CallRunner:
         return dist_tools.shard_evaluation_loader(loader, name, engine.placement)  # type: ignore[return-value]
 
     @contextlib.contextmanager
-    def lifecycle(self, stage: Stage, *, adopt: bool) -> Iterator[None]:
-        """Open the MAPS, record the call, deliver exception and teardown, close the record."""
+    def lifecycle(
+        self,
+        stage: Stage,
+        *,
+        adopt: bool,
+        loaders: Mapping[str, Iterable[Any] | None] | None = None,
+    ) -> Iterator[None]:
+        """Open the MAPS, record the call, deliver exception and teardown, close the record.
+
+        ``loaders`` (by name, e.g. ``{"train": ..., "val": ...}``) are described in the
+        call's record (see :func:`~trainbus.engine.record.loaders`).
+        """
         engine = self.engine
         try:
             stale, recovered = self.saver.on_main(
@@ -125,6 +138,8 @@ class CallRunner:
                     earlier.update(status="interrupted", interrupted_detected=_now())
         call: dict[str, Any] = {"call": stage, "started": _now(), "status": "running"}
         call["requests"] = []
+        if loaders:
+            call["loaders"] = record.loaders(loaders)
         if stale is not None:
             call["recovered_lock"] = stale
         if recovered:
@@ -138,6 +153,7 @@ class CallRunner:
         engine.state.update(stage=stage, batch_idx=-1)
         deterministic = DeterministicMode(engine.settings.deterministic)
         error: BaseException | None = None
+        self._started = time.monotonic()
         try:
             self.saver.on_main(functools.partial(record.write, engine))
             deterministic.__enter__()
@@ -150,6 +166,8 @@ class CallRunner:
             error = self._close(call, deterministic, error)
         if error is not None:
             raise error  # teardown failed after the call itself succeeded
+        if "summary" in call and engine.placement.is_main:
+            print(format_summary(call["summary"], engine.maps), flush=True)
 
     def _close(
         self, call: dict[str, Any], deterministic: DeterministicMode, error: BaseException | None
@@ -233,6 +251,15 @@ class CallRunner:
             }
         if error is not None:
             call["error"] = f"{type(error).__name__}: {error}"
+        if call["call"] == "train":
+            loop = self.saver.loop
+            call["summary"] = train_summary(
+                snapshot,
+                engine.maps,
+                epochs_done=0 if loop is None else loop.position["epoch"],
+                seconds=time.monotonic() - self._started,
+                failed=error is not None,
+            )
         call["handler_failures"] = [
             {"event": f.event, "subscriber": f.subscriber, "stage": f.stage, "error": f.error}
             for f in engine.bus.failures

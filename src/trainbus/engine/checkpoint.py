@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from trainbus.engine.files import create_directory
 from trainbus.engine.manifest import FORMAT_VERSION as FORMAT_VERSION
 from trainbus.engine.manifest import MANIFEST as MANIFEST
 from trainbus.engine.manifest import corrupt, load_torch_file, load_weights_file
@@ -100,7 +100,7 @@ def write_checkpoint(
         root.mkdir()
     check_real_directory(root)
     target = root / check_name(name)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{name}-", dir=root))
+    staging = create_directory(root, f"{_STAGING}{name}-")
     try:
         digests = {}
         for filename, write in writers.items():

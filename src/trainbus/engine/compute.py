@@ -169,14 +169,54 @@ def with_last(iterable: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
     yield current, True
 
 
+@dataclass(slots=True)
+class Seeding:
+    """This process's last :func:`seed_everything` call, and the calls a Trainer claimed."""
+
+    seed: int | None = None
+    calls: int = 0
+    claimed: int = 0
+
+
+# Plain bookkeeping, created at import without touching any generator.
+LAST_SEEDING = Seeding()
+
+
 def seed_everything(seed: int) -> int:
-    """Seed Python's, NumPy's and torch's global generators (CUDA included); returns the seed."""
+    """Seed Python's, NumPy's and torch's global generators (CUDA included); returns the seed.
+
+    Call it at the top of a script, before building the model: the model's initial weights
+    are drawn when it is built, so ``Trainer(seed=...)``, built after the model, cannot seed
+    them. A ``Trainer(seed=seed)`` built next records ``"initial_weights_seeded": true`` in
+    ``maps.json``; without this call it records false and warns.
+    """
+    _seed_generators(seed)
+    LAST_SEEDING.seed = seed
+    LAST_SEEDING.calls += 1
+    return seed
+
+
+def claim_seeding(seed: int | None) -> bool:
+    """Seed the generators for a new Trainer (with ``seed``, unless None); whether its model
+    was built after an unclaimed ``seed_everything(seed)``.
+
+    Every Trainer claims the seedings made before it, so a model built for a second Trainer
+    after the same ``seed_everything`` call does not count as seeded.
+    """
+    if seed is not None:
+        _seed_generators(seed)
+    last = LAST_SEEDING
+    covered = seed is not None and last.seed == seed and last.calls > last.claimed
+    last.claimed = last.calls
+    return covered
+
+
+def _seed_generators(seed: int) -> None:
     if type(seed) is not int or not 0 <= seed < 2**32:
         raise ConfigurationError(f"seed={seed!r} is not an int in [0, 2**32); pass e.g. seed=42")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return seed
 
 
 class DeterministicMode:

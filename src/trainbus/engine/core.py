@@ -47,6 +47,7 @@ class Engine:
         device: torch.device,
         precision: Precision,
         seed: int | None,
+        weights_seeded: bool | None = None,
         plugins: Sequence[PluginRecord],
         defaults_kept: Sequence[str],
         ddp_options: Mapping[str, Any],
@@ -62,6 +63,7 @@ class Engine:
         self.device = device
         self.precision = precision
         self.seed = seed
+        self.weights_seeded = weights_seeded
         self.plugins = list(plugins)
         self.defaults_kept = list(defaults_kept)
         self.ddp_options = dict(ddp_options)
@@ -82,6 +84,9 @@ class Engine:
         self.compiled = False
         self.calls: list[dict[str, Any]] = []
         self.adopt_maps = False
+        self.stepping_batches: int | None = None
+        """Optimizer steps of the running training (``Trainer.estimated_stepping_batches``)."""
+        self.stepping_estimated = False
 
     def prepare_model(self) -> None:
         """Move the model and the metrics to the device; compile once when asked."""

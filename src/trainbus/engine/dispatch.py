@@ -124,6 +124,17 @@ class Dispatcher:
             for event in events
         }
 
+    def request(self, requests: list[Request], *, agreed: bool = False) -> None:
+        """Hand the loop's own requests to the policy, as a handler's would be.
+
+        In a distributed run they wait for the next agreement, unless ``agreed``: every rank
+        made the same requests at the same step (then each takes them at once).
+        """
+        if self.group is None or agreed:
+            self.policy.accept(requests)
+        else:
+            self._unshared.extend(requests)
+
     def emit(self, event: str, **extra: Any) -> list[Request] | None:
         """:meth:`fire` with the payload by name (for events off the hot path)."""
         names = self.bus.spec(event).payload

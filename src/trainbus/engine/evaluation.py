@@ -15,6 +15,7 @@ import torch
 from trainbus.engine.compute import batch_size, move_to
 from trainbus.engine.core import Engine
 from trainbus.engine.dispatch import read_only
+from trainbus.engine.limits import evaluation_batches
 from trainbus.engine.metrics import is_better
 from trainbus.engine.policy import Boundary, BoundaryHook
 from trainbus.errors import DataError
@@ -27,16 +28,29 @@ class Evaluation:
         self.engine = engine
         self.boundary = boundary
 
-    def validation(self, loader: Iterable[Any]) -> None:
+    def validation(self, loader: Iterable[Any], *, interruptible: bool = False) -> bool:
+        """A validation inside training; False when a stop signal cut it short.
+
+        ``interruptible``: a signal ends the pass at the next evaluation batch, and its
+        metrics are dropped unannounced (the loop writes a training state that redoes it).
+        """
         engine = self.engine
         engine.state.update(stage="validation")
         emit = engine.dispatcher.emit
+        signals = engine.dispatcher.signals
         emit("validation_start")
-        metrics = self.evaluation_pass(loader, "val_loader")
+        metrics = self.evaluation_pass(
+            evaluation_batches(engine.settings, loader),
+            "val_loader",
+            after_batch=(lambda: signals.received is not None) if interruptible else None,
+        )
+        if interruptible and signals.received is not None:
+            return False
         self._record_metrics(metrics, track_best=True)
         view = read_only(metrics)
         emit("metrics_computed", metrics=view)
         emit("validation_end", metrics=view)
+        return True
 
     def evaluation_pass(
         self, loader: Iterable[Any], name: str, *, after_batch: Callable[[], bool] | None = None
@@ -90,7 +104,10 @@ class Evaluation:
 
     def standalone(self, stage: str, loader: Iterable[Any]) -> dict[str, float]:
         """``validate``/``test``: one pass, the metrics announced read-only and returned."""
-        emit = self.engine.dispatcher.emit
+        engine = self.engine
+        emit = engine.dispatcher.emit
+        if stage == "validate" and engine.settings.limit_val_batches != 0:
+            loader = evaluation_batches(engine.settings, loader)
         emit(f"{stage}_start")
         metrics = self.evaluation_pass(loader, "loader", after_batch=self._evaluation_boundary)
         self._record_metrics(metrics, track_best=False)

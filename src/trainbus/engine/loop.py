@@ -19,23 +19,28 @@ import torch
 from trainbus.engine import distributed as dist_tools
 from trainbus.engine.batches import (
     detached_all,
-    length,
     loss_of,
     named_losses,
-    reliable_length,
     reuses_workers,
 )
 from trainbus.engine.compute import batch_size, move_to, with_last
 from trainbus.engine.core import Engine, learning_rates, rates_moved
 from trainbus.engine.evaluation import Evaluation
-from trainbus.engine.model import Model
+from trainbus.engine.limits import Limits, check_interval, epoch_batches, epoch_cap, take
 from trainbus.engine.policy import Boundary, BoundaryHook
 from trainbus.engine.resume import (
     EpochStart,
     RandomStates,
+    capture_random_states,
     restore_loader_generators,
     restore_random_states,
     resumed_iterator,
+)
+from trainbus.engine.stepping import (
+    all_finite,
+    direct_optimizer,
+    optimizer_step,
+    release_reduction,
 )
 from trainbus.errors import DataError, TrainbusWarning
 from trainbus.events.commands import Request, Stop
@@ -67,8 +72,13 @@ class TrainingLoop:
         self.train_loader: Iterable[Any] | None = None
         self.pending_random: RandomStates | None = None
         self.pending_loader_generators: dict[str, torch.Tensor] | None = None
+        self.random_before_validation: RandomStates | None = None
+        """The generators as a running validation found them: a training state written when
+        a signal cut that validation short holds these, so that the resume redoes it exactly."""
         self.skipped_nonfinite = 0
         self.evaluation = Evaluation(engine, boundary)
+        self.limits = Limits(engine.settings)
+        """The step and time limits of the running ``train()`` call."""
         self.emitters: dict[str, Callable[..., Any] | None] = {}
         """The step events' emitters of the running epoch (see :meth:`Dispatcher.emitters`)."""
         self._first_epoch = 0
@@ -86,8 +96,14 @@ class TrainingLoop:
         engine = self.engine
         self.train_loader = train_loader
         self._first_epoch = self.position["epoch"]
-        while self.position["epoch"] < engine.settings.max_epochs and not (
-            engine.policy.stop_requested
+        limits = self.limits = Limits(engine.settings)
+        self.random_before_validation = None
+        if engine.settings.limit_val_batches == 0:
+            val_loader = None
+        while (
+            self.position["epoch"] < engine.settings.max_epochs
+            and not engine.policy.stop_requested
+            and not limits.steps_done(engine.state.get("global_step"))
         ):
             self._run_epoch(train_loader, val_loader)
 
@@ -95,7 +111,9 @@ class TrainingLoop:
         engine = self.engine
         state, emit, policy = engine.state, engine.dispatcher.emit, engine.policy
         epoch = self.position["epoch"]
-        num_batches = length(train_loader)
+        settings = engine.settings
+        num_batches, exact = epoch_batches(settings, train_loader)
+        cap = epoch_cap(settings, num_batches)
         changes = {
             "stage": "train",
             "current_epoch": epoch,
@@ -118,21 +136,45 @@ class TrainingLoop:
             engine.dispatcher.agree(only_if_due=True)
             batches = self._epoch_iterator(train_loader, epoch)
         self.restore_pending_random()
-        completed = self._train_epoch(batches, skip, reliable_length(train_loader))
-        settings = engine.settings
-        last = epoch + 1 == settings.max_epochs or policy.stop_requested
+        if self.position.pop("validation_due", False) and val_loader is not None:
+            # A signal cut this validation short before the training state was written.
+            if not self._validate(val_loader, redo=True):
+                return
+            state.update(stage="train", batch_idx=skip - 1)
+        batches = take(batches, None if cap is None else cap - skip)
+        interval = check_interval(settings, num_batches)
+        completed = self._train_epoch(batches, skip, exact, val_loader, interval)
+        limits = self.limits
+        # Not max_time: a run it pauses is not finished (and ranks' clocks could disagree).
+        last = (
+            epoch + 1 == settings.max_epochs
+            or policy.stop_requested
+            or limits.steps_done(state.get("global_step"))
+        )
         if (
             val_loader is not None
             and completed
-            and ((epoch + 1) % settings.val_every_n_epochs == 0 or last)
+            and (
+                (epoch + 1) % settings.val_every_n_epochs == 0
+                or (last and settings.validate_last_epoch)
+            )
+            and not self._validate(val_loader)
         ):
-            self.evaluation.validation(val_loader)
+            return
         state.update(stage="train")
         if completed:
             self.position = {"epoch": epoch + 1, "batches_done": 0, "in_epoch": False}
         # else a stop cut the epoch: the position stays inside it, so a resumable stop
         # continues with the batches that were left.
         emit("epoch_end")
+        if (
+            completed
+            and epoch + 1 < settings.max_epochs
+            and not policy.stop_requested
+            and not limits.steps_done(state.get("global_step"))
+            and self._out_of_time()
+        ):
+            engine.dispatcher.request(limits.pause(state.get("global_step"), "epoch_end"))
         engine.dispatcher.agree()
         self.boundary(Boundary.EPOCH, "epoch_end")
 
@@ -150,8 +192,18 @@ class TrainingLoop:
         self.epoch_start = EpochStart.capture(loader)
         return iter(loader)
 
-    def _train_epoch(self, batches: Iterator[Any], first: int, total: int | None) -> bool:
+    def _train_epoch(
+        self,
+        batches: Iterator[Any],
+        first: int,
+        total: int | None,
+        val_loader: Iterable[Any] | None,
+        interval: int | None,
+    ) -> bool:
         """Train on ``batches`` (numbered from ``first``); False when a stop cut it short.
+
+        ``interval``: validate on ``val_loader`` after every ``interval`` batches of the
+        epoch too (not after its last: the epoch's own validation follows).
 
         The hot path: what a step reads is bound to locals first; each step event has an
         emitter bound to this loop (:meth:`Dispatcher.emitters`, rebound when a subscription
@@ -183,10 +235,11 @@ class TrainingLoop:
         scaler, group = engine.scaler, dispatcher.group
         stop_before_epoch = policy.stop_requested
         policy.open_group = 0
-        direct = self._direct_optimizer()
+        direct = direct_optimizer(engine)
         optimizers, tensor_rates = engine.optimizers, engine.tensor_rates
         position = self.position
         emitters = self.emitters
+        checks = self.limits.active or (interval is not None and val_loader is not None)
         bound = -1
         batch_start = forward_start = backward_start = backward_end = batch_end = None
         step_start = step_end = None
@@ -237,44 +290,46 @@ class TrainingLoop:
                     loss = output  # the common case, checked without a call
                 else:
                     loss = loss_of(output)
-                finite = not skip_nonfinite or self._all_finite(loss)
+                finite = not skip_nonfinite or all_finite(engine, loss)
                 if not finite:
                     self._skip_nonfinite(loss)
-                    self._release_reduction()
+                    release_reduction(engine)
                 elif backward_start is not None and backward_start(
                     batch,
                     loss,
                     named_losses(output) if "losses" in wanted.get("backward_start", ()) else None,
                 ):
-                    self._release_reduction()
+                    release_reduction(engine)
                 else:
                     scaled = loss / accumulate if accumulate > 1 else loss
                     if scaler is not None:
                         scaled = scaler.scale(scaled)
                     model.backward_step(scaled)
-                    policy.open_group += 1
+                    if direct is None:
+                        policy.open_group += 1
                     if backward_end is not None:
                         asked = wanted.get("backward_end", ())
                         backward_end(
                             batch, loss, named_losses(output) if "losses" in asked else None
                         )
-                    if policy.open_group == accumulate or is_last:
-                        if direct is None:
-                            self._optimizer_step(policy.open_group)
-                        elif step_start is not None and step_start(optimizers):
-                            direct.zero_grad(set_to_none=True)
-                        else:
-                            direct.step()
-                            direct.zero_grad(set_to_none=True)
-                            state.step_done()
-                            # Tensor learning rates are read at log intervals only: comparing
-                            # them would be a host-device sync.
-                            recorded = values["learning_rates"]
-                            if not tensor_rates and rates_moved(optimizers, recorded):
-                                state.update(**learning_rates(optimizers, read_tensors=True))
-                            if step_end is not None:
-                                step_end(optimizers)
-                        policy.open_group = 0
+                    if direct is None:
+                        if policy.open_group == accumulate or is_last:
+                            optimizer_step(engine, policy.open_group)
+                            policy.open_group = 0
+                    # The direct path steps every batch (no accumulation): no group is ever open.
+                    elif step_start is not None and step_start(optimizers):
+                        direct.zero_grad(set_to_none=True)
+                    else:
+                        direct.step()
+                        direct.zero_grad(set_to_none=True)
+                        state.step_done()
+                        # Tensor learning rates are read at log intervals only: comparing them
+                        # would be a host-device sync.
+                        recorded = values["learning_rates"]
+                        if not tensor_rates and rates_moved(optimizers, recorded):
+                            state.update(**learning_rates(optimizers, read_tensors=True))
+                        if step_end is not None:
+                            step_end(optimizers)
                 if finite:
                     # Kept on the device, summed and read at log intervals only (a host-device
                     # sync); appending costs no kernel launch per step.
@@ -292,6 +347,8 @@ class TrainingLoop:
                     None if loss is None or "loss" not in asked else loss.detach(),
                     None if loss is None or "losses" not in asked else detached_all(output),
                 )
+            if checks and not is_last:
+                self._within_epoch(batch_idx, val_loader, interval)
             if group is not None:
                 dispatcher.agree(only_if_due=not log_step)
             if pending or signals.received or (group is not None and dispatcher.agreed_signal):
@@ -304,7 +361,7 @@ class TrainingLoop:
                 return False
         if policy.open_group:
             # The last batch was skipped while a group was open: step what was accumulated.
-            self._optimizer_step(policy.open_group)
+            optimizer_step(engine, policy.open_group)
             policy.open_group = 0
             dispatcher.agree(only_if_due=True)
             self.boundary(Boundary.STEP, "batch_end")
@@ -312,99 +369,73 @@ class TrainingLoop:
             self._no_batches()
         return True
 
+    def _within_epoch(
+        self, batch_idx: int, val_loader: Iterable[Any] | None, interval: int | None
+    ) -> None:
+        """After a batch that is not the epoch's last: a validation due, a limit reached.
+
+        The validation runs before the step's boundary, so a training state written there
+        includes what it changed (metrics, early-stopping counters): the resume is exact.
+        """
+        engine = self.engine
+        if val_loader is not None and interval is not None and (batch_idx + 1) % interval == 0:
+            if not self._validate(val_loader, redo=True):
+                return
+            engine.state.update(stage="train", batch_idx=batch_idx)
+            engine.dispatcher.agree()
+        if engine.policy.stop_requested or self.limits.requested:
+            return
+        limits, global_step = self.limits, engine.state.get("global_step")
+        if limits.steps_done(global_step):
+            # Every rank counts the same steps: each takes the pause on its own.
+            engine.dispatcher.request(limits.pause(global_step, "batch_end"), agreed=True)
+        elif self._out_of_time():
+            engine.dispatcher.request(limits.pause(global_step, "batch_end"))
+
+    def _validate(self, val_loader: Iterable[Any], *, redo: bool = False) -> bool:
+        """A validation inside training; False when a stop signal cut it short.
+
+        Then the training state is written at once, with the generators as the validation
+        found them and a position before it: the resume redoes the validation and goes on
+        exactly as the uninterrupted run. ``redo``: the position must say so (a validation
+        inside an epoch; at an epoch's end, the position already comes before it). Under
+        torchrun a validation runs to its end (ranks would have to agree at every batch).
+        """
+        engine = self.engine
+        interruptible = engine.dispatcher.group is None
+        self.random_before_validation = capture_random_states() if interruptible else None
+        if self.evaluation.validation(val_loader, interruptible=interruptible):
+            self.random_before_validation = None
+            return True
+        if redo:
+            self.position["validation_due"] = True
+        self.boundary(Boundary.STEP, "evaluation_step_end")
+        return False
+
+    def _out_of_time(self) -> bool:
+        """Whether ``max_time`` is spent; in a distributed run rank 0's clock decides."""
+        return self.engine.placement.is_main and self.limits.out_of_time()
+
     def _no_batches(self) -> None:
         epoch = self.position["epoch"]
         if epoch > self._first_epoch and iter(self.train_loader or ()) is self.train_loader:
             raise DataError(
-                f"train_loader yielded no batches at epoch {epoch} after yielding batches "
+                f"train_loader yielded no batches at epoch {epoch + 1} after yielding batches "
                 f"before: {type(self.train_loader).__name__} is a one-shot iterator (a "
                 "generator?), exhausted by the first epoch; pass something that can be "
                 "iterated again every epoch, such as a DataLoader or a list of batches"
             )
         raise DataError(
-            f"train_loader yielded no batches{f' at epoch {epoch}' if epoch else ''}; check "
+            f"train_loader yielded no batches{f' at epoch {epoch + 1}' if epoch else ''}; check "
             "that the dataset is not empty and that batch_size is not larger than the dataset "
             "with drop_last=True"
         )
-
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every rank (a host-device sync, every step)."""
-        finite = bool(torch.isfinite(loss))
-        group = self.engine.dispatcher.group
-        return finite if group is None else group.all_true(finite)
-
-    def _release_reduction(self) -> None:
-        """After a DDP forward whose backward is skipped: a zero backward ends its reduction.
-
-        DDP expects the backward of a forward that syncs gradients; without one, the next
-        forward fails on every rank. Zero gradients through the parameters (not the loss,
-        which may be NaN) complete it and average what the group accumulated so far.
-        """
-        ddp = self.engine.forward
-        if ddp is None or not ddp.require_backward_grad_sync:
-            return
-        parameters = [p for p in self.engine.model.parameters() if p.requires_grad]
-        torch.stack([p.sum() * 0 for p in parameters]).sum().backward()  # type: ignore[no-untyped-call]
-
-    def _direct_optimizer(self) -> torch.optim.Optimizer | None:
-        """The optimizer the loop steps itself, or None when :meth:`_optimizer_step` must.
-
-        The common case (one optimizer, no loss scaling, clipping or accumulation, the model's
-        ``optimization_step`` not overridden, one process) is stepped in the loop; anything
-        else goes through :meth:`_optimizer_step`, which calls the model's
-        ``optimization_step``. Both announce the same events.
-        """
-        engine = self.engine
-        optimizers = engine.optimizers
-        overridden = type(engine.model).optimization_step is not Model.optimization_step
-        if (
-            overridden
-            or len(optimizers) != 1
-            or engine.scaler is not None
-            or engine.settings.gradient_clip_val is not None
-            or engine.settings.accumulate_grad_batches != 1
-            or engine.dispatcher.group is not None
-        ):
-            return None
-        return optimizers[0]
-
-    def _optimizer_step(self, batches_in_group: int) -> None:
-        engine = self.engine
-        settings, optimizers, scaler = engine.settings, engine.optimizers, engine.scaler
-        if batches_in_group != settings.accumulate_grad_batches:
-            # A short last group: gradients were divided by the full group size.
-            _scale_gradients(optimizers, settings.accumulate_grad_batches / batches_in_group)
-        if scaler is not None:
-            for optimizer in optimizers:
-                scaler.unscale_(optimizer)
-        if settings.gradient_clip_val is not None:
-            parameters = [p for o in optimizers for g in o.param_groups for p in g["params"]]
-            if settings.gradient_clip_algorithm == "norm":
-                torch.nn.utils.clip_grad_norm_(parameters, settings.gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_value_(parameters, settings.gradient_clip_val)
-        dispatcher = engine.dispatcher
-        if dispatcher.fire_skippable("optimizer_step_start", optimizers):
-            if scaler is not None:
-                scaler.update()
-            engine.zero_grad()
-            return
-        engine.model.optimization_step(optimizers, scaler)
-        if scaler is not None:
-            scaler.update()
-        engine.zero_grad()
-        state = engine.state
-        state.step_done()
-        # Tensor learning rates are read at log intervals only: comparing them would sync.
-        if not engine.tensor_rates and rates_moved(optimizers, state.values["learning_rates"]):
-            state.update(**learning_rates(optimizers, read_tensors=True))
-        dispatcher.fire("optimizer_step_end", optimizers)
 
     def _skip_nonfinite(self, loss: torch.Tensor) -> None:
         self.skipped_nonfinite += 1
         snapshot = self.engine.state.snapshot()
         warnings.warn(
-            f"the loss of training step {snapshot.iteration} (epoch {snapshot.current_epoch}, "
+            f"the loss of training step {snapshot.iteration} (epoch {snapshot.current_epoch + 1}, "
             f"batch {snapshot.batch_idx}) is {float(loss.detach())}; the batch was skipped "
             "(nonfinite_loss='skip'): no backward, no optimizer update",
             TrainbusWarning,
@@ -442,11 +473,3 @@ class TrainingLoop:
         if self.pending_loader_generators is not None:
             restore_loader_generators(self.train_loader, self.pending_loader_generators)
             self.pending_loader_generators = None
-
-
-def _scale_gradients(optimizers: Iterable[torch.optim.Optimizer], factor: float) -> None:
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            for parameter in group["params"]:
-                if parameter.grad is not None:
-                    parameter.grad.mul_(factor)

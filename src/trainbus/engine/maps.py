@@ -29,18 +29,23 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from trainbus.engine import naming
 from trainbus.engine.files import (
+    check_name,
     check_real_directory,
+    create_file,
     describe_owner,
     fsync_directory,
+    open_lock_file,
     read_owner,
     sync_file,
+    try_lock,
+    unlock,
     write_owner,
 )
 from trainbus.errors import (
@@ -48,7 +53,6 @@ from trainbus.errors import (
     MapsError,
     MapsExistsError,
     MapsLockedError,
-    UnsafePathError,
 )
 
 __all__ = [
@@ -68,11 +72,6 @@ __all__ = [
     "sync_file",
 ]
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no advisory locks, the MAPS is not locked
-    fcntl = None  # type: ignore[assignment]
-
 MAPS_FILE = "maps.json"
 ENVIRONMENT_FILE = "environment.json"
 METRICS_FILE = "metrics.tsv"
@@ -82,34 +81,27 @@ CHECKPOINTS_DIR = "checkpoints"
 TRAINING_DIR = "training"
 LOCK_FILE = ".lock"
 
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a forged link must not redirect the owner record
-
 _SKELETON = frozenset({LOCK_FILE, LOGS_DIR, CHECKPOINTS_DIR, ENVIRONMENT_FILE})
 """What :meth:`Maps.create` leaves before the run writes ``maps.json``: still a trainbus MAPS."""
 
 
-def check_name(name: str) -> str:
-    """Return ``name`` if it is one safe path component, else raise :class:`UnsafePathError`."""
-    if (
-        not isinstance(name, str)
-        or not name
-        or name in {".", ".."}
-        or "/" in name
-        or "\\" in name
-        or "\x00" in name
-        or any(ord(c) < 32 for c in name)
-    ):
-        raise UnsafePathError(
-            f"name {name!r} cannot be written into a MAPS: it must be one path component "
-            "without separators, control characters, '.' or '..'"
-        )
-    return name
-
-
 class Maps:
-    """Handle on an experiment directory; the directory is created by :meth:`create`."""
+    """Handle on an experiment directory; the directory is created by :meth:`create`.
 
-    def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+    A ``{version}`` in the path's last component is replaced by a number (see
+    :mod:`trainbus.engine.naming`): ``version="next"`` takes one more than the highest existing
+    one and reserves it at once (the directory is created empty, so two runs started together
+    never share it); ``version="latest"`` takes the highest existing one. The chosen path is
+    printed (``trainbus: MAPS runs/v3``). ``overwrite=True`` with ``{version}`` is refused.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        version: Literal["next", "latest"] = "next",
+    ) -> None:
         if not isinstance(path, str | os.PathLike):
             raise ConfigurationTypeError(
                 f"maps={path!r} is not a path; pass the directory of the experiment, e.g. "
@@ -117,7 +109,7 @@ class Maps:
             )
         if not isinstance(overwrite, bool):
             raise ConfigurationTypeError(f"overwrite={overwrite!r} is not a bool")
-        self.path = Path(path).absolute()
+        self.path = Path(naming.choose(path, overwrite=overwrite, version=version)).absolute()
         self.overwrite = overwrite
         self._created = False
         self._lock: int | None = None
@@ -273,12 +265,12 @@ class Maps:
         and the dead owner's record is returned so the takeover can be reported (by the first
         call after :meth:`create` when replacing the MAPS took the lock already).
         """
-        if self._lock is not None or fcntl is None:
+        if self._lock is not None:
             stale, self._stale = self._stale, None
             return stale
         self.check_present()
         try:
-            descriptor = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
+            descriptor = open_lock_file(self.path / LOCK_FILE, create=True)
         except OSError as exc:
             raise MapsError(
                 f"cannot lock MAPS {str(self.path)!r}: {exc.strerror or exc} "
@@ -306,37 +298,34 @@ class Maps:
     def unlock(self) -> None:
         """Release the lock taken by :meth:`lock` (marking the record released)."""
         self._stale = None
-        if self._lock is None or fcntl is None:
+        if self._lock is None:
             return
         descriptor, self._lock = self._lock, None
         try:
             record = read_owner(descriptor) or {}
             write_owner(descriptor, {**record, "released": True})
         finally:
-            fcntl.flock(descriptor, fcntl.LOCK_UN)
+            unlock(descriptor)
             os.close(descriptor)
 
     def check_unlocked(self) -> None:
         """Raise :class:`MapsLockedError` if another live process holds the MAPS now."""
-        if self._lock is not None or fcntl is None or not (self.path / LOCK_FILE).exists():
+        if self._lock is not None or not (self.path / LOCK_FILE).exists():
             return
-        descriptor = os.open(self.path / LOCK_FILE, os.O_RDONLY)
+        descriptor = open_lock_file(self.path / LOCK_FILE, create=False)
         try:
             self._take(descriptor)
-            fcntl.flock(descriptor, fcntl.LOCK_UN)  # only a probe: the owner record stays
+            unlock(descriptor)  # only a probe: the owner record stays
         finally:
             os.close(descriptor)
 
     def _take(self, descriptor: int) -> None:
-        assert fcntl is not None
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(descriptor):
             owner = read_owner(descriptor)
             raise MapsLockedError(
                 f"MAPS {str(self.path)!r} is in use by {describe_owner(owner)}; wait for that "
                 "run to end (or stop it), or train into another MAPS"
-            ) from None
+            )
 
     def file(self, *parts: str) -> Path:
         """The path of ``parts`` inside the MAPS, each part checked by :func:`check_name`."""
@@ -367,7 +356,7 @@ class Maps:
         """Write a file atomically: temporary file, fsync, rename, fsync of the directory."""
         target = self.file(*parts)
         self.directory(*parts[:-1])
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        handle, temporary = create_file(target.parent, f".{target.name}.")
         try:
             with os.fdopen(handle, "wb") as stream:
                 stream.write(data)

@@ -59,11 +59,30 @@ class TorchMetricConfig:
 MetricSpec = LossMetricConfig | TorchMetricConfig | torchmetrics.Metric
 
 
+@dataclass(frozen=True, slots=True)
+class MetricInfo:
+    """How a Trainer's metric describes itself (in ``maps.json`` and to the callbacks).
+
+    - ``metric_class``: the class of what the user passed, e.g. ``"MulticlassAccuracy"``
+      (the torchmetrics metric, also when wrapped in a :class:`TorchMetricConfig`) or
+      ``"LossMetricConfig"``.
+    - ``higher_is_better``: the direction of improvement, ``None`` when nothing tells.
+    - ``declared``: ``True`` when the metric itself declares the direction (torchmetrics'
+      ``higher_is_better``), ``False`` when it is a convention (a mean loss goes down) or
+      unknown; a callback told another direction explicitly warns only about a declared one.
+    """
+
+    metric_class: str
+    higher_is_better: bool | None
+    declared: bool
+
+
 class BoundMetric(Protocol):
     """A metric ready to accumulate evaluation outputs."""
 
     name: str
     higher_is_better: bool | None
+    info: MetricInfo
 
     def to(self, device: torch.device) -> None: ...
     def update(self, outputs: Mapping[str, Any], batch_size: int) -> None: ...
@@ -79,6 +98,7 @@ class _MeanLoss:
     """
 
     higher_is_better: bool | None = False
+    info = MetricInfo(LossMetricConfig.__name__, higher_is_better=False, declared=False)
 
     def __init__(self, name: str, loss_name: str) -> None:
         self.name = name
@@ -128,7 +148,11 @@ class _TorchMetric:
         self.name = name
         self.config = config
         self.metric = config.metric
-        self.higher_is_better = config.metric.higher_is_better
+        declared = config.metric.higher_is_better
+        self.higher_is_better = declared
+        self.info = MetricInfo(
+            type(config.metric).__name__, higher_is_better=declared, declared=declared is not None
+        )
 
     def to(self, device: torch.device) -> None:
         self.metric.to(device)

@@ -77,7 +77,10 @@ class SupervisedModel(Model):
 
     ``optimizer`` is an optimizer class or a factory taking the parameters, e.g.
     ``functools.partial(torch.optim.SGD, lr=0.1)``; default Adam(lr=1e-3). Evaluation outputs
-    are ``{"loss", "preds", "target"}`` (``preds`` are the network's raw outputs).
+    are ``{"loss", "preds", "target"}`` (``preds`` are the network's raw outputs). Batches are
+    ``(inputs, target)`` pairs or ``{"input", "target"}`` dicts; :meth:`predict_step` also
+    takes inputs alone (a tensor, ``(inputs,)`` as ``TensorDataset(X)`` gives, or
+    ``{"input"}``).
     """
 
     def __init__(
@@ -120,22 +123,23 @@ class SupervisedModel(Model):
 
     def forward_step(self, batch: Any) -> StepOutput:
         """The loss of one ``(inputs, target)`` batch."""
-        inputs, target = _split(batch)
+        inputs, target = _split(batch, "forward_step")
         loss: torch.Tensor = self._step_loss(self._step_network(inputs), target)
         return loss
 
     def evaluation_step(self, batch: Any) -> Mapping[str, Any]:
         """``{"loss", "preds", "target"}`` for one batch."""
-        inputs, target = _split(batch)
+        inputs, target = _split(batch, "evaluation_step")
         preds = self.network(inputs)
         return {"loss": self.loss(preds, target), "preds": preds, "target": target}
 
     def predict_step(self, batch: Any) -> Any:
-        """The network's output for the inputs of one batch (target, if any, is ignored)."""
-        if isinstance(batch, torch.Tensor):
-            return self.network(batch)
-        inputs, _ = _split(batch)
-        return self.network(inputs)
+        """The network's output for the inputs of one batch (a target, if any, is ignored).
+
+        A batch is the inputs tensor, ``(inputs,)`` (what ``DataLoader(TensorDataset(X))``
+        yields), ``(inputs, target)``, or a dict with ``"input"``.
+        """
+        return self.network(_inputs(batch))
 
     def build_optimizers(self) -> torch.optim.Optimizer:
         """The optimizer from the factory given at construction (default Adam, lr=1e-3)."""
@@ -150,22 +154,55 @@ class SupervisedModel(Model):
         return optimizer
 
 
-def _split(batch: Any) -> tuple[Any, Any]:
+def _split(batch: Any, method: str) -> tuple[Any, Any]:
     if (type(batch) is tuple or type(batch) is list) and len(batch) == 2:
         return batch[0], batch[1]  # the common case, without abstract-class checks
     if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 2:
         return batch[0], batch[1]
     if isinstance(batch, Mapping) and "input" in batch and "target" in batch:
         return batch["input"], batch["target"]
+    if _inputs_only(batch):
+        raise ModelContractError(
+            f"SupervisedModel.{method} needs a target, but the batch is {_describe(batch)}: "
+            "inputs only (e.g. from TensorDataset(X)); train and evaluate on (inputs, target) "
+            "batches, e.g. TensorDataset(X, y); inputs-only batches are for predict()"
+        )
     raise ModelContractError(
-        f"SupervisedModel expects batches of (inputs, target) or {{'input', 'target'}}, got "
-        f"{_describe(batch)}; adapt the loader or subclass Model and override forward_step"
+        f"SupervisedModel.{method} expects batches of (inputs, target) or "
+        f"{{'input', 'target'}}, got {_describe(batch)}; adapt the loader or subclass Model "
+        f"and override {method}"
     )
+
+
+def _inputs(batch: Any) -> Any:
+    """The inputs of a batch for predict_step: a target, if any, is left out."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) in (1, 2):
+        return batch[0]
+    if isinstance(batch, Mapping) and "input" in batch:
+        return batch["input"]
+    raise ModelContractError(
+        f"SupervisedModel.predict_step expects batches of inputs: a tensor, (inputs,), "
+        f"(inputs, target) or {{'input': ...}}, got {_describe(batch)}; adapt the loader or "
+        "subclass SupervisedModel and override predict_step"
+    )
+
+
+def _inputs_only(batch: Any) -> bool:
+    if isinstance(batch, torch.Tensor):
+        return True
+    if isinstance(batch, Sequence) and not isinstance(batch, str):
+        return len(batch) == 1
+    return isinstance(batch, Mapping) and "input" in batch and "target" not in batch
 
 
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     if isinstance(value, Sequence) and not isinstance(value, str):
-        return f"a {type(value).__name__} of {len(value)} items"
+        items = "item" if len(value) == 1 else "items"
+        return f"a {type(value).__name__} of {len(value)} {items}"
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {sorted(map(str, value))}"
     return repr(value)[:80]

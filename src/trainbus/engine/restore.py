@@ -18,7 +18,9 @@ import torch
 
 from trainbus.engine import checkpoint
 from trainbus.engine.batches import length
+from trainbus.engine.call import recorded_calls
 from trainbus.engine.core import Engine, plain_values
+from trainbus.engine.limits import epoch_batches
 from trainbus.engine.loop import TrainingLoop
 from trainbus.engine.maps import MAPS_FILE
 from trainbus.engine.resume import EpochStart
@@ -33,10 +35,17 @@ from trainbus.errors import (
 )
 
 
-def resume_point(engine: Engine) -> checkpoint.FoundState | None:
-    """The training state to resume from; None to start afresh (no MAPS yet)."""
+def resume_point(engine: Engine, *, auto: bool = False) -> checkpoint.FoundState | None:
+    """The training state to resume from; None to start afresh (no MAPS yet).
+
+    ``auto`` (``resume="auto"``) also starts afresh in a Trainer that already ran in this
+    process (it goes on from memory), and in a MAPS whose every call failed before a
+    training state was written (see :func:`_start_again`).
+    """
     maps = engine.maps
     if maps.created:
+        if auto:
+            return None
         raise ConfigurationError(
             "this Trainer already ran in this process; resume=True is for a new Trainer "
             "(e.g. Trainer.from_maps) after an interruption"
@@ -46,6 +55,9 @@ def resume_point(engine: Engine) -> checkpoint.FoundState | None:
         return None
     maps.check_unlocked()
     found = checkpoint.find_training_state(maps)
+    if found is None and auto:
+        _start_again(engine)
+        return None
     if found is None and _restarted_before_first_state(engine):
         warnings.warn(
             f"torchrun restarted this run (attempt {engine.placement.restart_count + 1}) "
@@ -69,6 +81,40 @@ def resume_point(engine: Engine) -> checkpoint.FoundState | None:
             stacklevel=4,
         )
     return found
+
+
+_FAILED = frozenset({"failed", "interrupted", "running"})
+"""Statuses of a call that ended before its end: ``running`` is a killed one (its lock is free)."""
+
+
+def _start_again(engine: Engine) -> None:
+    """Replace a MAPS whose every call failed before its first training state; keep its calls.
+
+    Nothing of value is lost (no training state, no finished call), and the earlier calls stay
+    in ``maps.json``, before the new one. A MAPS with a call that did not fail (a finished
+    training without training states, a validate) is refused: replacing it is for
+    ``overwrite=True``.
+    """
+    maps = engine.maps
+    try:
+        calls = recorded_calls(maps.read_json(MAPS_FILE))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"resume='auto' cannot read {maps.file(MAPS_FILE)} ({exc}) to check that every "
+            "earlier call failed before writing a training state; pass overwrite=True to "
+            "train again from scratch, or train into another MAPS"
+        ) from exc
+    kept = [f"{c.get('call')} ({c.get('status')})" for c in calls if c.get("status") not in _FAILED]
+    if kept:
+        raise CheckpointError(
+            f"MAPS {str(maps.path)!r} holds no training state to resume from, and not every "
+            f"earlier call failed: {', '.join(kept)}; resume='auto' starts afresh only in a "
+            "MAPS where nothing would be lost. Pass overwrite=True to train again from "
+            "scratch, or train into another MAPS"
+        )
+    maps.overwrite = True
+    engine.adopt_maps = False  # the MAPS is replaced, not continued
+    engine.calls[:0] = calls
 
 
 def _restarted_before_first_state(engine: Engine) -> bool:
@@ -98,12 +144,15 @@ def restore(
     name = found.path.name
     position = document["position"]
     own = _own_part(engine, found, tensors, document)
-    if position["in_epoch"] and document["state"]["num_batches"] != length(loader):
+    # limit_train_batches included: a changed limit changes the epoch as a changed loader does.
+    num_batches, _ = epoch_batches(engine.settings, loader)
+    if position["in_epoch"] and document["state"]["num_batches"] != num_batches:
         raise CheckpointError(
             f"the training state {name} stopped after batch "
             f"{position['batches_done']} of an epoch of {document['state']['num_batches']} "
-            f"batches, but train_loader has {length(loader)}; resume with the same "
-            "training data and batch size"
+            f"batches, but this epoch has {num_batches} (train_loader has {length(loader)}, "
+            f"limit_train_batches={engine.settings.limit_train_batches!r}); resume with the "
+            "same training data, batch size and limit_train_batches"
         )
     check_fit(
         weights,

@@ -39,6 +39,8 @@ class Saver:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.loop: TrainingLoop | None = None
+        self.last_training_state: str | None = None
+        """Where the training state written last lies, if one was."""
 
     def at_boundary(self, boundary: Boundary, event: str) -> None:
         """Carry out what is due at ``boundary`` (reached right after ``event``)."""
@@ -107,7 +109,7 @@ class Saver:
         in_epoch = bool(position["in_epoch"])
         name = checkpoint.training_state_name(snapshot.iteration, epoch_end=not in_epoch)
         own: dict[str, Any] = {
-            "random": capture_random_states(),
+            "random": loop.random_before_validation or capture_random_states(),
             "loader_generators": capture_loader_generators(loop.train_loader),
             "epoch_start": (loop.epoch_start.as_dict() if in_epoch and loop.epoch_start else None),
             # The losses themselves, not their sum: the resumed run sums them in the same order.
@@ -153,6 +155,7 @@ class Saver:
                 },
             )
         )
+        self.last_training_state = str(path)
         engine.dispatcher.emit("checkpoint", checkpoint=path, tag=name, kind="training")
 
 

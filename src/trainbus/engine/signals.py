@@ -19,10 +19,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from types import FrameType
 from typing import Any
+
+from trainbus.errors import TrainingInterrupted
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 
@@ -69,6 +72,44 @@ class StopSignals:
         )
         # A handler or loader may be blocked where no exception would ever reach the loop.
         os._exit(128 + number)
+
+
+def interactive_session() -> bool:
+    """Whether Python runs a notebook, a REPL or ``python -c`` rather than a script file."""
+    main = sys.modules.get("__main__")
+    return (
+        hasattr(sys, "ps1")
+        or bool(sys.flags.interactive)
+        or "ipykernel" in sys.modules
+        or "IPython" in sys.modules
+        or main is None
+        or not hasattr(main, "__file__")
+    )
+
+
+def interruption(number: int, *, saved: str | None, maps: str, announce: bool) -> BaseException:
+    """What ``train()`` raises once a stop signal was acted on; says how to resume first.
+
+    A script exits with 128 + the signal number, as a shell expects; an interactive session
+    gets :class:`~trainbus.errors.TrainingInterrupted` (a ``KeyboardInterrupt``), which
+    ends the cell and keeps the kernel alive. ``announce``: print the line (rank 0).
+    """
+    name = signal.Signals(number).name
+    if saved is None:
+        where = "no training state was written"
+        how = "start again (no training state to resume from)"
+    else:
+        where = f"training state {saved} written"
+        how = (
+            f"resume with train(..., resume=True) (or resume='auto'), or "
+            f"Trainer.from_maps({maps!r}, model).train(...)"
+        )
+    line = f"trainbus: stopped by {name}; {where}; {how}"
+    if announce:
+        _say(line)
+    if interactive_session():
+        return TrainingInterrupted(line, signal=number, training_state=saved)
+    return SystemExit(128 + number)
 
 
 def _say(line: str) -> None:

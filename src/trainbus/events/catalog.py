@@ -141,8 +141,10 @@ EVENTS: Mapping[str, EventSpec] = {
         _spec(
             "train_start",
             "train() begins, after optimizers are built; `bus` lets a handler read the "
-            "dispatch plan and per-subscriber accounting (the Monitor does).",
-            ("optimizers", "bus"),
+            "dispatch plan and per-subscriber accounting (the Monitor does); `validates` "
+            "tells whether this call validates at all (a val_loader was passed), so a "
+            "handler that monitors a validation metric can say when it never will.",
+            ("optimizers", "bus", "validates"),
         ),
         _spec(
             "resume",

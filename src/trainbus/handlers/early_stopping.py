@@ -13,6 +13,7 @@ from typing import Any, Literal
 from trainbus.engine import checkpoint as checkpoints
 from trainbus.engine.compute import finite_number
 from trainbus.engine.maps import CHECKPOINTS_DIR, Maps
+from trainbus.engine.metrics import MetricInfo
 from trainbus.engine.model import Model
 from trainbus.engine.state import TrainerState
 from trainbus.engine.weights import load_weights
@@ -25,8 +26,15 @@ from trainbus.errors import (
 from trainbus.events.callback import Callback
 from trainbus.events.commands import Command, SaveCheckpoint, Stop
 from trainbus.handlers import priorities
+from trainbus.handlers.monitored import (
+    Mode,
+    check_mode,
+    known_mode,
+    mode_from_name,
+    resolve_mode,
+    warn_never_computed,
+)
 
-_LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "rmse", "perplexity", "distance")
 _OWNER = "EarlyStoppingCallback"
 _TAG_PREFIX = "early-stopping-"
 _TAG_LIMIT = 128
@@ -35,33 +43,26 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
 _DOTS = re.compile(r"\.{2,}")
 
 
-def infer_mode(metric: str, mode: str | None, owner: str) -> Literal["min", "max"]:
-    """``mode`` if given, else ``"min"`` for loss-like names; anything else must be explicit."""
-    if mode is None:
-        if any(token in metric.lower() for token in _LOWER_IS_BETTER):
-            return "min"
-        raise ConfigurationError(
-            f"{owner} cannot tell whether {metric!r} should go up or down; pass mode='min' or "
-            "mode='max'"
-        )
-    if mode not in ("min", "max"):
-        raise ConfigurationError(f"{owner}: mode={mode!r} is not 'min' or 'max'")
-    return "min" if mode == "min" else "max"
-
-
 class EarlyStoppingCallback(Callback):
     """Stop training when ``metric`` stops improving, reaches a goal, diverges or is not finite.
 
     The callback reads ``metric`` at every validation inside ``train()`` (``validation_end``)
     and returns a :class:`~trainbus.Stop` whose reason names the metric, its best value and
-    the epoch of that value (``state.current_epoch``, 0-based), and what ended training: the
+    the epoch of that value (counted from 1 out of ``max_epochs``, as the console shows it:
+    ``epoch 3/10`` is ``state.current_epoch == 2``), and what ended training: the
     validations waited, the threshold crossed or the non-finite value. The Trainer records it
-    in ``state.stop_reason`` and ``maps.json``. Options:
+    in ``state.stop_reason`` and ``maps.json``. A ``train()`` call that never validates
+    (no ``val_loader``) gives a :class:`~trainbus.errors.TrainbusWarning` at its start: the
+    metric is never computed, so nothing can stop training. Options:
 
     - ``patience``: validations in a row without improvement before stopping (not epochs:
       with ``val_every_n_epochs=k`` they are ``k`` epochs apart).
-    - ``mode``: ``"min"`` or ``"max"``; inferred as ``"min"`` for loss-like names (``loss``,
-      ``error``, ``mse``, ...), required for anything else.
+    - ``mode``: ``"min"`` or ``"max"``. Left out, it is taken from the metric when the
+      Trainer is built: its torchmetrics ``higher_is_better`` (``Accuracy`` goes up), a
+      :class:`~trainbus.LossMetricConfig` goes down, and so does a loss's or an error's name
+      (``loss``, ``val_loss``, ``top1_error``, ``mse``, ...); when nothing tells, the Trainer
+      is refused. A mode that contradicts the metric's declared ``higher_is_better`` is kept,
+      with a :class:`~trainbus.errors.TrainbusWarning`.
     - ``min_delta`` (>= 0) and ``min_delta_mode``: an improvement must beat the best value by
       more than ``min_delta`` (``"abs"``) or by more than ``abs(best) * min_delta``
       (``"rel"``); equal values never improve.
@@ -93,7 +94,7 @@ class EarlyStoppingCallback(Callback):
         metric: str,
         patience: int = 10,
         *,
-        mode: Literal["min", "max"] | None = None,
+        mode: Mode | None = None,
         min_delta: float = 0.0,
         min_delta_mode: Literal["abs", "rel"] = "abs",
         stopping_threshold: float | None = None,
@@ -122,7 +123,7 @@ class EarlyStoppingCallback(Callback):
                 f"{_OWNER}: patience={patience!r} is not a positive integer (validations "
                 "without improvement before stopping); pass e.g. patience=10"
             )
-        resolved_mode = infer_mode(metric, mode, _OWNER)
+        given_mode = check_mode(mode, _OWNER)
         _check_number("min_delta", min_delta)
         if min_delta < 0:
             raise ConfigurationError(
@@ -138,20 +139,6 @@ class EarlyStoppingCallback(Callback):
             _check_number("stopping_threshold", stopping_threshold, none_allowed=True)
         if divergence_threshold is not None:
             _check_number("divergence_threshold", divergence_threshold, none_allowed=True)
-        if stopping_threshold is not None and divergence_threshold is not None:
-            apart = (
-                stopping_threshold < divergence_threshold
-                if resolved_mode == "min"
-                else stopping_threshold > divergence_threshold
-            )
-            if not apart:
-                relation = "below" if resolved_mode == "min" else "above"
-                raise ConfigurationError(
-                    f"{_OWNER}: stopping_threshold={stopping_threshold!r} is not {relation} "
-                    f"divergence_threshold={divergence_threshold!r} for mode={resolved_mode!r}; "
-                    "every value would stop training: the goal must lie on the improving "
-                    "side of the divergence limit"
-                )
         for name, flag in (
             ("check_finite", check_finite),
             ("restore_best_weights", restore_best_weights),
@@ -172,7 +159,9 @@ class EarlyStoppingCallback(Callback):
             )
         self.metric = metric
         self.patience = patience
-        self.mode: Literal["min", "max"] = resolved_mode
+        self._given_mode = given_mode
+        # None until the Trainer tells the metric's direction (resolve_metrics).
+        self.mode: Mode | None = given_mode or mode_from_name(metric)
         self.min_delta = float(min_delta)
         self.min_delta_mode: Literal["abs", "rel"] = min_delta_mode
         self.stopping_threshold = None if stopping_threshold is None else float(stopping_threshold)
@@ -182,6 +171,7 @@ class EarlyStoppingCallback(Callback):
         self.check_finite = check_finite
         self.start_from_epoch = start_from_epoch
         self.restore_best_weights = restore_best_weights
+        self._check_thresholds(_OWNER)
         self._clear_run()
 
     def _clear_run(self) -> None:
@@ -206,6 +196,33 @@ class EarlyStoppingCallback(Callback):
     def metric_names(self) -> tuple[str, ...]:
         """Metrics this callback reads (checked against the Trainer's metrics)."""
         return (self.metric,)
+
+    def resolve_metrics(self, metrics: Mapping[str, MetricInfo]) -> None:
+        """Take ``mode`` from the monitored metric (called when a Trainer registers it).
+
+        Raises :class:`~trainbus.errors.ConfigurationError` when neither ``mode``, the metric
+        nor its name tells the direction.
+        """
+        self.mode = resolve_mode(
+            self.callback_id, self.metric, self._given_mode, metrics.get(self.metric)
+        )
+        self._check_thresholds(self.callback_id)
+
+    def _check_thresholds(self, owner: str) -> None:
+        stopping, divergence, mode = self.stopping_threshold, self.divergence_threshold, self.mode
+        if stopping is None or divergence is None or mode is None:
+            return
+        if stopping < divergence if mode == "min" else stopping > divergence:
+            return
+        relation = "below" if mode == "min" else "above"
+        raise ConfigurationError(
+            f"{owner}: stopping_threshold={stopping!r} is not {relation} "
+            f"divergence_threshold={divergence!r} for mode={mode!r}; every value would stop "
+            "training: the goal must lie on the improving side of the divergence limit"
+        )
+
+    def _direction(self) -> Mode:
+        return known_mode(self.callback_id, self.metric, self.mode)
 
     def config(self) -> dict[str, Any]:
         """Every option, as written into ``maps.json``."""
@@ -251,6 +268,12 @@ class EarlyStoppingCallback(Callback):
         return _DOTS.sub(".", head + metric)
 
     # ------------------------------------------------------------------ events
+    def on_train_start(self, *, state: TrainerState, validates: bool) -> None:
+        if not validates and state.rank == 0:
+            warn_never_computed(
+                self.callback_id, self.metric, "early stopping never stops training"
+            )
+
     def on_validation_end(
         self, *, state: TrainerState, metrics: Mapping[str, float]
     ) -> list[Command] | None:
@@ -262,8 +285,8 @@ class EarlyStoppingCallback(Callback):
         if self.check_finite and not math.isfinite(value):
             return [
                 Stop(
-                    f"{self.metric} is {value!r} at epoch {epoch}, not a finite number; "
-                    f"{self._best_text()}"
+                    f"{self.metric} is {value!r} at {_epoch_text(epoch, state)}, not a finite "
+                    f"number; {self._best_text(state)}"
                 )
             ]
         if self._improves(value):
@@ -275,7 +298,7 @@ class EarlyStoppingCallback(Callback):
                 commands.append(self._save_request())
         else:
             self.wait += 1
-        stop = self._stop_reason(value, epoch)
+        stop = self._stop_reason(value, state)
         if stop is not None:
             commands.append(Stop(stop))
         return commands or None
@@ -304,8 +327,9 @@ class EarlyStoppingCallback(Callback):
             # The restored weights are the best ones: save them again.
             return self._save_request()
         warnings.warn(
-            f"{self.callback_id}: the best weights of {self.metric} (epoch {self.best_epoch}) "
-            f"are not in {path} (missing, corrupt, or from another epoch); "
+            f"{self.callback_id}: the best weights of {self.metric} "
+            f"({_epoch_text(self.best_epoch, state)}) are not in {path} (missing, corrupt, or "
+            "from another epoch); "
             "restore_best_weights will restore only a later improvement",
             TrainbusWarning,
             stacklevel=2,
@@ -369,36 +393,38 @@ class EarlyStoppingCallback(Callback):
         margin = self.min_delta if self.min_delta_mode == "abs" else abs(best) * self.min_delta
         if not math.isfinite(best):
             margin = 0.0  # inf - inf is NaN: an infinite best is beaten by any finite value
-        if self.mode == "min":
+        if self._direction() == "min":
             return value < best - margin
         return value > best + margin
 
-    def _stop_reason(self, value: float, epoch: int) -> str | None:
-        minimising = self.mode == "min"
+    def _stop_reason(self, value: float, state: TrainerState) -> str | None:
+        minimising = self._direction() == "min"
+        epoch = _epoch_text(state.current_epoch, state)
         goal = self.stopping_threshold
         if goal is not None and (value <= goal if minimising else value >= goal):
             return (
-                f"{self.metric} reached stopping_threshold={goal!r}: {value!r} at epoch "
-                f"{epoch}; {self._best_text()}"
+                f"{self.metric} reached stopping_threshold={goal!r}: {value!r} at {epoch}; "
+                f"{self._best_text(state)}"
             )
         limit = self.divergence_threshold
         if limit is not None and (value > limit if minimising else value < limit):
             return (
-                f"{self.metric} diverged: {value!r} at epoch {epoch} is worse than "
-                f"divergence_threshold={limit!r}; {self._best_text()}"
+                f"{self.metric} diverged: {value!r} at {epoch} is worse than "
+                f"divergence_threshold={limit!r}; {self._best_text(state)}"
             )
         if self.wait >= self.patience:
             relative = " relative" if self.min_delta_mode == "rel" else ""
             return (
                 f"{self.metric} did not improve for {self.wait} validations; "
-                f"{self._best_text()} (mode={self.mode}, min_delta={self.min_delta}{relative})"
+                f"{self._best_text(state)} (mode={self.mode}, "
+                f"min_delta={self.min_delta}{relative})"
             )
         return None
 
-    def _best_text(self) -> str:
+    def _best_text(self, state: TrainerState) -> str:
         if self.best is None:
             return "no best value yet"
-        where = "" if self.best_epoch is None else f" at epoch {self.best_epoch}"
+        where = "" if self.best_epoch is None else f" at {_epoch_text(self.best_epoch, state)}"
         return f"best {self.best!r}{where}"
 
     def _save_request(self) -> SaveCheckpoint:
@@ -406,6 +432,11 @@ class EarlyStoppingCallback(Callback):
             self.checkpoint_tag,
             metadata=(("metric", self.metric), ("value", self.best), ("mode", self.mode)),
         )
+
+
+def _epoch_text(epoch: int | None, state: TrainerState) -> str:
+    """An epoch as people read it on the console: ``epoch 3/10`` for ``current_epoch`` 2."""
+    return f"epoch {'?' if epoch is None else epoch + 1}/{state.max_epochs}"
 
 
 def _check_number(name: str, value: object, *, none_allowed: bool = False) -> None:

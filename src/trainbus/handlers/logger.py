@@ -60,6 +60,11 @@ class LoggerCallback(Callback):
     stop reason); ``exception`` (with the traceback). A resumed run appends to the file: the
     batches redone after the training state are logged again, after the ``resume`` record.
 
+    Epochs are numbered for people on the console and for programs in the file: console
+    lines and the progress bar count from 1 out of ``max_epochs`` (``epoch=1/3`` is the
+    first of three), while the JSON lines keep ``epoch`` as ``state.current_epoch``
+    (0-based), like checkpoint names (``epoch-0``), ``metrics.tsv`` and ``maps.json``.
+
     Console text is escaped: a metric name, a stop reason or an exception message cannot break
     a line or send terminal escape sequences.
     """
@@ -264,7 +269,7 @@ class LoggerCallback(Callback):
         }
         shown = {
             "state": path.name,
-            "epoch": epoch,
+            "epoch": _epoch_label(epoch, state),
             "batch": batch,
             "iteration": state.iteration,
         }
@@ -315,7 +320,8 @@ class LoggerCallback(Callback):
         shown = self._last_loss_line is None or now - self._last_loss_line >= self.console_interval
         if shown:
             self._last_loss_line = now
-        self._emit("info", "train_loss", fields, console=shown)
+        console = {**fields, "epoch": _epoch_label(state.current_epoch, state)} if shown else False
+        self._emit("info", "train_loss", fields, console=console)
 
     def on_metrics_computed(self, *, state: TrainerState, metrics: Mapping[str, float]) -> None:
         values = {name: _round(value) for name, value in metrics.items()}
@@ -344,7 +350,7 @@ class LoggerCallback(Callback):
             "seconds": None if seconds is None else round(seconds, 3),
         }
         shown: dict[str, Any] = {
-            "epoch": state.current_epoch,
+            "epoch": _epoch_label(state.current_epoch, state),
             "train_loss": fields["train_loss"],
             **{f"val_{name}": value for name, value in (self._epoch_metrics or {}).items()},
             "improved": self._epoch_improved or None,
@@ -375,7 +381,9 @@ class LoggerCallback(Callback):
             "iteration": state.iteration,
             "error": f"{type(exception).__name__}: {exception}",
         }
-        self._emit("error", "exception", fields, error=exception)
+        training = state.stage in ("train", "validation")
+        shown = {**fields, "epoch": _epoch_label(state.current_epoch, state) if training else None}
+        self._emit("error", "exception", fields, console=shown, error=exception)
 
     def on_teardown(self) -> None:
         self._close()
@@ -467,6 +475,11 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(item) for item in value]
     return value
+
+
+def _epoch_label(epoch: int, state: TrainerState) -> str:
+    """An epoch as the console shows it: counted from 1, out of ``max_epochs`` (``2/10``)."""
+    return f"{epoch + 1}/{state.max_epochs}"
 
 
 def _round(value: float) -> float:

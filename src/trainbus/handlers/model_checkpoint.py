@@ -7,17 +7,25 @@ import re
 from collections.abc import Collection, Container, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from trainbus.engine import checkpoint as checkpoints
 from trainbus.engine.maps import CHECKPOINTS_DIR, Maps
+from trainbus.engine.metrics import MetricInfo
 from trainbus.engine.state import TrainerState
 from trainbus.errors import CheckpointError, ConfigurationError
 from trainbus.events.callback import Callback
 from trainbus.events.commands import SaveCheckpoint
 from trainbus.handlers import priorities
 from trainbus.handlers.checkpoint_tags import check_tag_conflicts
-from trainbus.handlers.early_stopping import infer_mode
+from trainbus.handlers.monitored import (
+    Mode,
+    check_mode,
+    known_mode,
+    mode_from_name,
+    resolve_mode,
+    warn_never_computed,
+)
 
 __all__ = ["KEEP_ALL", "Metadata", "ModelCheckpointCallback", "Ranked", "check_tag_conflicts"]
 
@@ -51,8 +59,13 @@ class _Pending:
 class ModelCheckpointCallback(Callback):
     """Save model weights under ``checkpoints/``: the best ones, chosen epochs, and the last.
 
-    - ``metric``: rank models by this metric (``mode`` inferred as ``"min"`` for loss-like
-      names, explicit otherwise). ``top_k=1`` keeps the best under ``{prefix}best-{metric}``;
+    - ``metric``: rank models by this metric, computed at each validation (a ``train()`` call
+      that never validates gives a :class:`~trainbus.errors.TrainbusWarning` at its start:
+      only ``last`` and the chosen epochs are then kept). ``mode`` (``"min"`` or ``"max"``),
+      left out, is taken from the metric when the Trainer is built, as
+      :class:`~trainbus.EarlyStoppingCallback` does (torchmetrics' ``higher_is_better``; a
+      :class:`~trainbus.LossMetricConfig` or a loss's name goes down; refused when nothing
+      tells). ``top_k=1`` keeps the best under ``{prefix}best-{metric}``;
       ``top_k=k > 1`` keeps each of the k best under ``{prefix}best-{metric}-epoch-{n}`` and,
       in addition, the single best under ``{prefix}best-{metric}``; ``top_k=-1`` keeps the model
       of every validation under its ranked tag (nothing is deleted). A model must be strictly
@@ -92,7 +105,7 @@ class ModelCheckpointCallback(Callback):
         *,
         save_last: bool = True,
         top_k: int = 1,
-        mode: Literal["min", "max"] | None = None,
+        mode: Mode | None = None,
         every_n_epochs: int | None = None,
         prefix: str = "",
     ) -> None:
@@ -121,6 +134,7 @@ class ModelCheckpointCallback(Callback):
                 f"ModelCheckpointCallback: top_k={top_k!r} ranks models by a metric, but metric "
                 "is None; pass metric=..., e.g. metric='loss'"
             )
+        given_mode = check_mode(mode, "ModelCheckpointCallback")
         if metric is None and mode is not None:
             raise ConfigurationError(
                 f"ModelCheckpointCallback: mode={mode!r} is given without a metric; pass "
@@ -149,7 +163,9 @@ class ModelCheckpointCallback(Callback):
         self.save_last = save_last
         self.top_k = top_k
         self.prefix = prefix
-        self.mode = infer_mode(metric, mode, "ModelCheckpointCallback") if metric else None
+        self._given_mode = given_mode
+        # None without a metric, or until the Trainer tells the metric's direction.
+        self.mode: Mode | None = (given_mode or mode_from_name(metric)) if metric else None
         self._check_tags()
         self._clear_run()
 
@@ -214,6 +230,31 @@ class ModelCheckpointCallback(Callback):
     def metric_names(self) -> tuple[str, ...]:
         """Metrics this callback reads (checked against the Trainer's metrics)."""
         return (self.metric,) if self.metric else ()
+
+    def resolve_metrics(self, metrics: Mapping[str, MetricInfo]) -> None:
+        """Take ``mode`` from the ranking metric (called when a Trainer registers the callback).
+
+        Raises :class:`~trainbus.errors.ConfigurationError` when neither ``mode``, the metric
+        nor its name tells the direction.
+        """
+        if self.metric is not None:
+            self.mode = resolve_mode(
+                self.callback_id, self.metric, self._given_mode, metrics.get(self.metric)
+            )
+
+    def _direction(self) -> Mode:
+        return known_mode(self.callback_id, str(self.metric), self.mode)
+
+    def on_train_start(self, *, validates: bool) -> None:
+        if self.metric is None or validates:
+            return
+        kept = [repr(self.last_tag)] if self.save_last else []
+        if self.epochs is not None or self.every_n_epochs is not None:
+            kept.append("the chosen epochs")
+        consequence = f"no {self.best_tag!r} checkpoint is written"
+        if kept:
+            consequence += f" (only {' and '.join(kept)})"
+        warn_never_computed(self.callback_id, self.metric, consequence)
 
     def on_validation_end(self, *, metrics: Mapping[str, float]) -> None:
         if self.metric is not None:
@@ -280,16 +321,17 @@ class ModelCheckpointCallback(Callback):
 
     # ------------------------------------------------------------- ranking
     def _better(self, value: float, than: float) -> bool:
-        return value < than if self.mode == "min" else value > than
+        return value < than if self._direction() == "min" else value > than
 
     def _rank_key(self, entry: Ranked) -> tuple[float, int]:
-        return (entry.value if self.mode == "min" else -entry.value, entry.epoch)
+        return (entry.value if self._direction() == "min" else -entry.value, entry.epoch)
 
     def _rank(self, value: float, epoch: int) -> list[tuple[str, tuple[str, ...]]]:
         """Update the ranking with ``value`` seen at ``epoch``; the tags to save, with evictions."""
         best_tag = self.best_tag
         if best_tag is None or math.isnan(value):
             return []
+        self._direction()  # refuse to rank before the direction is known, even the first
         saves: list[tuple[str, tuple[str, ...]]] = []
         improved = self.best is None or self._better(value, self.best)
         if self.top_k == 1:

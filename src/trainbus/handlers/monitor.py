@@ -5,8 +5,8 @@ Written to ``monitor.json`` at the end of training (and, optionally, printed as 
     {
       "total_seconds": ..., "train_seconds": ..., "validation_seconds": ...,
       "data_seconds": ..., "compute_seconds": ..., "checkpoint_seconds": ...,
-      "other_seconds": ..., "batches": ..., "samples": ..., "samples_per_second": ...,
-      "resumes": 0,
+      "checkpoints": ..., "other_seconds": ..., "batches": ..., "samples": ...,
+      "samples_per_second": ..., "resumes": 0,
       "memory": {"rss_bytes": ..., "peak_rss_bytes": ..., "peak_cuda_allocated_bytes": ...},
       "gpu": {"available": false, "reason": "..."} or {"available": true, ...},
       "subscribers": {"sample_every": 10, "rows": [{"id", "event", "calls", ...}, ...]},
@@ -43,6 +43,7 @@ from trainbus.handlers.monitor_records import (
     process_memory,
     release,
 )
+from trainbus.handlers.monitor_report import gpu_section, subscriber_rows, time_and_memory
 from trainbus.handlers.monitor_table import TOP_SUBSCRIBERS, format_report
 
 __all__ = [
@@ -65,11 +66,16 @@ class MonitorCallback(Callback):
 
     Measured with host clocks (``time.perf_counter``), never with a host-device sync:
 
-    - wall time per epoch and in total: training, validation, and the rest (setup, saves at
-      epoch ends);
+    - wall time per epoch and in total, in parts that add up: training, validation,
+      checkpoints and the rest (setup, the handlers of ``train_start`` and ``train_end``);
+    - checkpoints: every save (weights and training states, between batches, at epoch ends,
+      at ``train_start`` and ``train_end``) is counted, and timed from the end of the handlers
+      that asked for it (the Monitor runs last but the Logger at end events) to its
+      ``checkpoint`` event. An epoch's record holds the saves of its batches and of its end;
+      the training state written at an epoch's end holds the record before its own write;
     - inside training, *waiting for data* (from the previous ``batch_end``, or from
-      ``epoch_start``, to ``batch_start``), *compute* (``batch_start`` to ``batch_end``,
-      every handler of the batch included) and checkpoint writes between batches. Compute
+      ``epoch_start``, to ``batch_start``) and *compute* (``batch_start`` to ``batch_end``,
+      every handler of the batch included); saves between batches are neither. Compute
       time is host-side: on a GPU the host queues kernels and runs ahead of them, and the
       device catches up at sync points (the loss read at log intervals, an ``.item()``, a
       copy to the host), so device work is counted where the host waits for it. Summed over
@@ -94,7 +100,8 @@ class MonitorCallback(Callback):
     - ``stream``: where the table and the notice go (default ``sys.stderr``, looked up when
       printing).
 
-    Everything lands in ``monitor.json`` at ``train_end`` (a run that raises writes none).
+    Everything lands in ``monitor.json`` at ``teardown`` after ``train_end``, once the last
+    saves are written (a run that raises writes none).
     The per-epoch records, the running epoch's accumulators and the subscriber totals are
     part of the training state, so after a resume the file covers the whole training, and
     ``resumes`` counts the restarts.
@@ -154,6 +161,12 @@ class MonitorCallback(Callback):
         self._resumes = 0
         self._mark = 0.0
         self._batch_started = 0.0
+        # The record of the epoch whose end is being saved; saves outside any epoch (at
+        # train_start and train_end) are counted apart.
+        self._closed: dict[str, Any] | None = None
+        self._outside_checkpoints = 0
+        self._outside_checkpoint_seconds = 0.0
+        self._finished = False
 
     def reset(self) -> None:
         """Forget the earlier run's measurements; :meth:`report` is empty until the next one."""
@@ -176,7 +189,11 @@ class MonitorCallback(Callback):
             self._prior_seconds = 0.0
             self._prior_subscribers = {}
             self._resumes = 0
+            self._outside_checkpoints = 0
+            self._outside_checkpoint_seconds = 0.0
         self._restored = False
+        self._closed = None
+        self._finished = False
         run = Run(started=now, bus=bus, baseline=bus_totals(bus, skip_event="train_start"))
         run.cuda_device = cuda_device(model)
         if run.cuda_device is not None:
@@ -199,6 +216,7 @@ class MonitorCallback(Callback):
 
     def on_epoch_start(self, *, state: TrainerState) -> None:
         now = time.perf_counter()
+        self._closed = None
         self._epoch = Epoch(
             epoch=state.current_epoch,
             samples_at_start=state.samples_seen,
@@ -226,13 +244,25 @@ class MonitorCallback(Callback):
             epoch.batches += 1
         self._mark = now
 
-    def on_checkpoint(self, *, state: TrainerState) -> None:
+    def on_checkpoint(self) -> None:
         now = time.perf_counter()
-        epoch = self._epoch
-        if epoch is not None and state.stage == "train" and epoch.validation_started is None:
-            # Saves asked at batch_end run between that batch and the next: not data loading.
-            epoch.checkpoint_seconds += now - self._mark
+        run = self._run
+        if run is None or run.ended is not None:
+            return  # a validate(), test() or predict() call: not part of training
+        seconds = now - self._mark
         self._mark = now
+        epoch, closed = self._epoch, self._closed
+        if epoch is not None:
+            epoch.checkpoints += 1
+            if epoch.validation_started is None:
+                # Saves asked at batch_end run between that batch and the next: not data.
+                epoch.checkpoint_seconds += seconds
+        elif closed is not None:
+            closed["checkpoints"] += 1
+            closed["checkpoint_seconds"] = round(closed["checkpoint_seconds"] + seconds, 6)
+        else:
+            self._outside_checkpoints += 1
+            self._outside_checkpoint_seconds += seconds
 
     def on_loss_logged(self) -> None:
         self._read_gpu()
@@ -255,7 +285,7 @@ class MonitorCallback(Callback):
         if epoch is None:
             return
         self._read_gpu()
-        training = epoch.elapsed(now) - epoch.validation_seconds
+        training = epoch.elapsed(now) - epoch.validation_seconds - epoch.checkpoint_seconds
         samples = state.samples_seen - epoch.samples_at_start
         rss, peak_rss = process_memory()
         record: dict[str, Any] = {
@@ -265,6 +295,7 @@ class MonitorCallback(Callback):
             "data_seconds": round(epoch.data_seconds, 6),
             "compute_seconds": round(epoch.compute_seconds, 6),
             "checkpoint_seconds": round(epoch.checkpoint_seconds, 6),
+            "checkpoints": epoch.checkpoints,
             "batches": epoch.batches,
             "samples": samples,
             "samples_per_second": round(samples / training, 3) if training > 0 else None,
@@ -279,14 +310,19 @@ class MonitorCallback(Callback):
             record["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated(run.cuda_device)
         self.epochs.append(record)
         self._epoch = None
+        self._closed = record
+        self._mark = time.perf_counter()
 
-    def on_train_end(self, *, maps: Maps) -> None:
-        report = self.report()
-        maps.write_json(report, MONITOR_FILE)
-        if self.table:
-            self._print(format_report(report))
+    def on_train_end(self) -> None:
+        # The saves asked at train_end come after its handlers: the report waits for them.
+        self._closed = None
+        self._finished = True
+        self._mark = time.perf_counter()
 
-    def on_teardown(self) -> None:
+    def on_exception(self) -> None:
+        self._finished = False
+
+    def on_teardown(self, *, maps: Maps) -> None:
         run = self._run
         if run is None or run.ended is not None:
             return
@@ -294,63 +330,33 @@ class MonitorCallback(Callback):
         run.final_totals = self._subscriber_totals()
         run.ended = time.perf_counter()
         release(run)
+        if self._finished:
+            report = self.report()
+            maps.write_json(report, MONITOR_FILE)
+            if self.table:
+                self._print(format_report(report))
 
     # --------------------------------------------------------------- report
     def report(self) -> dict[str, Any]:
         """Everything measured so far, as written to ``monitor.json``."""
-        now = time.perf_counter()
         run = self._run
-        total = self._prior_seconds + (run.seconds(now) if run is not None else 0.0)
+        total = self._prior_seconds + (run.seconds(time.perf_counter()) if run is not None else 0.0)
         epochs = self.epochs
-
-        def summed(key: str) -> float:
-            return round(sum(float(entry[key]) for entry in epochs), 6)
-
-        train_seconds = summed("train_seconds")
-        validation_seconds = summed("validation_seconds")
-        samples = sum(int(entry["samples"]) for entry in epochs)
-        rss, peak_rss = process_memory()
-        peak_rss = max([peak_rss, *(int(e["peak_rss_bytes"]) for e in epochs)])
-        memory: dict[str, Any] = {"rss_bytes": rss, "peak_rss_bytes": peak_rss}
-        cuda_peaks = [
-            int(e["peak_cuda_allocated_bytes"]) for e in epochs if "peak_cuda_allocated_bytes" in e
-        ]
-        if cuda_peaks:
-            memory["peak_cuda_allocated_bytes"] = max(cuda_peaks)
         return {
-            "total_seconds": round(total, 6),
-            "train_seconds": train_seconds,
-            "validation_seconds": validation_seconds,
-            "data_seconds": summed("data_seconds"),
-            "compute_seconds": summed("compute_seconds"),
-            "checkpoint_seconds": summed("checkpoint_seconds"),
-            "other_seconds": round(max(total - train_seconds - validation_seconds, 0.0), 6),
-            "batches": sum(int(entry["batches"]) for entry in epochs),
-            "samples": samples,
-            "samples_per_second": round(samples / train_seconds, 3) if train_seconds else None,
+            **time_and_memory(
+                epochs,
+                total=total,
+                outside_checkpoints=self._outside_checkpoints,
+                outside_checkpoint_seconds=self._outside_checkpoint_seconds,
+            ),
             "resumes": self._resumes,
-            "memory": memory,
-            "gpu": self._gpu_section(),
+            "gpu": gpu_section(run, epochs),
             "subscribers": {
                 "sample_every": self.time_subscribers,
-                "rows": self._subscriber_rows(),
+                "rows": subscriber_rows(self._subscriber_totals()),
             },
             "epochs": [dict(entry) for entry in epochs],
         }
-
-    def _gpu_section(self) -> dict[str, Any]:
-        run = self._run
-        if run is None:
-            return {"available": False, "reason": "training has not started"}
-        reader = run.reader
-        if reader is None or run.gpu_reason is not None:
-            return {"available": False, "reason": run.gpu_reason or "NVML was not opened"}
-        stats = GpuStats()
-        for entry in self.epochs:
-            gpu = entry.get("gpu")
-            if isinstance(gpu, Mapping):
-                stats.merge(gpu)
-        return {"available": True, "device": reader.device, "name": reader.name, **stats.as_dict()}
 
     def _subscriber_totals(self) -> dict[tuple[str, str], SubscriberTotals]:
         """Per (event, subscriber id): what earlier processes measured plus this train()."""
@@ -369,26 +375,6 @@ class MonitorCallback(Callback):
                 merged.timed_calls += current.timed_calls - base.timed_calls
                 merged.seconds += current.seconds - base.seconds
         return totals
-
-    def _subscriber_rows(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        for (event, subscriber), measured in self._subscriber_totals().items():
-            if measured.calls <= 0:
-                continue
-            mean = measured.seconds / measured.timed_calls if measured.timed_calls else None
-            rows.append(
-                {
-                    "id": subscriber,
-                    "event": event,
-                    "calls": measured.calls,
-                    "timed_calls": measured.timed_calls,
-                    "mean_seconds": None if mean is None else round(mean, 9),
-                    "estimated_total_seconds": (
-                        None if mean is None else round(mean * measured.calls, 6)
-                    ),
-                }
-            )
-        return rows
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -411,6 +397,10 @@ class MonitorCallback(Callback):
             "seconds": self._prior_seconds + (run.seconds(now) if run is not None else 0.0),
             "resumes": self._resumes,
             "subscribers": subscribers,
+            "outside_checkpoints": {
+                "count": self._outside_checkpoints,
+                "seconds": self._outside_checkpoint_seconds,
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -428,12 +418,16 @@ class MonitorCallback(Callback):
                 data_seconds=float(saved["data_seconds"]),
                 compute_seconds=float(saved["compute_seconds"]),
                 checkpoint_seconds=float(saved["checkpoint_seconds"]),
+                checkpoints=int(saved.get("checkpoints", 0)),
                 batches=int(saved["batches"]),
                 resumed=True,
                 gpu=None if saved.get("gpu") is None else GpuStats.restored(saved["gpu"]),
             )
         self._prior_seconds = float(state.get("seconds", 0.0))
         self._resumes = int(state.get("resumes", 0))
+        outside = state.get("outside_checkpoints", {})
+        self._outside_checkpoints = int(outside.get("count", 0))
+        self._outside_checkpoint_seconds = float(outside.get("seconds", 0.0))
         self._prior_subscribers = {
             (str(row["event"]), str(row["id"])): SubscriberTotals(
                 calls=int(row["calls"]),

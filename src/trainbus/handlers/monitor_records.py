@@ -113,6 +113,7 @@ class Epoch:
     data_seconds: float = 0.0
     compute_seconds: float = 0.0
     checkpoint_seconds: float = 0.0
+    checkpoints: int = 0
     batches: int = 0
     resumed: bool = False
     gpu: GpuStats | None = None
@@ -130,6 +131,7 @@ class Epoch:
             "data_seconds": self.data_seconds,
             "compute_seconds": self.compute_seconds,
             "checkpoint_seconds": self.checkpoint_seconds,
+            "checkpoints": self.checkpoints,
             "batches": self.batches,
             "gpu": None if self.gpu is None else asdict(self.gpu),
         }

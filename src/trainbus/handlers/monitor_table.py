@@ -25,18 +25,19 @@ def format_report(report: Mapping[str, Any], *, top: int = TOP_SUBSCRIBERS) -> s
         + (f" ({report['resumes']} resumes)" if report["resumes"] else ""),
         f"  {'phase':<22}{'seconds':>10}{'share':>9}",
     ]
+    saves = int(report.get("checkpoints", 0))
     phases = (
-        ("training", "train_seconds"),
-        ("  waiting for data", "data_seconds"),
-        ("  compute (host)", "compute_seconds"),
-        ("  checkpoints", "checkpoint_seconds"),
-        ("validation", "validation_seconds"),
-        ("other", "other_seconds"),
+        ("training", "train_seconds", ""),
+        ("  waiting for data", "data_seconds", ""),
+        ("  compute (host)", "compute_seconds", ""),
+        ("validation", "validation_seconds", ""),
+        ("checkpoints", "checkpoint_seconds", f"  {saves} save{'s' if saves != 1 else ''}"),
+        ("other", "other_seconds", ""),
     )
-    for label, key in phases:
+    for label, key, note in phases:
         seconds = float(report[key])
         share = f"{seconds / total:.1%}" if total > 0 else "-"
-        lines.append(f"  {label:<22}{seconds:>10.3f}{share:>9}")
+        lines.append(f"  {label:<22}{seconds:>10.3f}{share:>9}{note}")
     rate = report["samples_per_second"]
     lines.append(
         f"  {'throughput':<22}"

@@ -113,7 +113,7 @@ class TrainingCheckpointCallback(Callback):
         if self.every_n_epochs is None or state.epoch_number % self.every_n_epochs:
             return None
         self.last_boundary = state.iteration
-        return SaveTrainingState(f"end of epoch {state.current_epoch}")
+        return SaveTrainingState(f"end of epoch {state.epoch_number}/{state.max_epochs}")
 
     def on_train_end(self, *, state: TrainerState) -> SaveTrainingState | None:
         if not self.save_on_train_end or self.last_boundary == state.iteration:
