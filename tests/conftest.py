@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainbus import SupervisedModel, Trainer
+from trainbus import Callback, SupervisedModel, Trainer
 
 
 def make_dataset(samples: int = 48, features: int = 4, seed: int = 0) -> TensorDataset:
@@ -42,6 +42,25 @@ def make_model(seed: int = 0, lr: float = 0.05) -> SupervisedModel:
     return SupervisedModel(
         network, nn.CrossEntropyLoss(), optimizer=functools.partial(torch.optim.SGD, lr=lr)
     )
+
+
+class ValidationCounter(Callback):
+    """Counts the validations it saw; its count is part of every training state."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def on_validation_end(self) -> None:
+        self.seen += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = state["seen"]
+
+    def reset(self) -> None:
+        self.seen = 0
 
 
 @pytest.fixture

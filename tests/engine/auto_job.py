@@ -16,8 +16,11 @@ import os
 import signal
 
 import torch
+
+# Run as a script, from its own folder: the resume job beside it holds the same data.
+from resume_job import dataset
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from trainbus import (
     LoggerCallback,
@@ -26,13 +29,6 @@ from trainbus import (
     TrainerState,
     TrainingCheckpointCallback,
 )
-
-
-def dataset(samples: int, seed: int) -> TensorDataset:
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(samples, 6, generator=generator)
-    target = (inputs[:, :3].sum(dim=1) > inputs[:, 3:].sum(dim=1)).long()
-    return TensorDataset(inputs, target)
 
 
 def main() -> None:

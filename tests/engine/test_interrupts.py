@@ -14,9 +14,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tests.conftest import make_dataset, make_loader, make_model
+from tests.conftest import ValidationCounter, make_dataset, make_loader, make_model
 from trainbus import (
-    Callback,
     MetricsWriterCallback,
     Trainer,
     TrainerState,
@@ -24,25 +23,6 @@ from trainbus import (
 )
 
 ROOT = Path(__file__).parents[2]
-
-
-class ValidationCounter(Callback):
-    """Counts the validations it saw; its count is part of every training state."""
-
-    def __init__(self) -> None:
-        self.seen = 0
-
-    def on_validation_end(self) -> None:
-        self.seen += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seen": self.seen}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seen = state["seen"]
-
-    def reset(self) -> None:
-        self.seen = 0
 
 
 def long_val_loader() -> DataLoader[tuple[torch.Tensor, ...]]:

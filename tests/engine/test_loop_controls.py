@@ -16,9 +16,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from tests.conftest import make_loader, make_model
+from tests.conftest import ValidationCounter, make_loader, make_model
 from trainbus import (
-    Callback,
     LRSchedulerCallback,
     MetricsWriterCallback,
     Trainer,
@@ -238,25 +237,6 @@ def test_a_fraction_for_val_check_interval_is_a_fraction_of_the_epoch(
     counts = count_events(trainer, "validation_start")
     trainer.train(make_loader(), make_loader(16))
     assert counts["validation_start"] == 2  # after batch 3, and at the epoch's end
-
-
-class ValidationCounter(Callback):
-    """Counts the validations it saw; its count is part of every training state."""
-
-    def __init__(self) -> None:
-        self.seen = 0
-
-    def on_validation_end(self) -> None:
-        self.seen += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seen": self.seen}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seen = state["seen"]
-
-    def reset(self) -> None:
-        self.seen = 0
 
 
 def test_a_resume_after_a_state_written_at_a_mid_epoch_validation_is_exact(
