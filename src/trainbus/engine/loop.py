@@ -27,6 +27,7 @@ from trainbus.engine.compute import batch_size, move_to, with_last
 from trainbus.engine.core import Engine, learning_rates, rates_moved
 from trainbus.engine.evaluation import Evaluation
 from trainbus.engine.limits import Limits, check_interval, epoch_batches, epoch_cap, take
+from trainbus.engine.loss_tracking import FOLD_EVERY, LossTracker
 from trainbus.engine.policy import Boundary, BoundaryHook
 from trainbus.engine.resume import (
     EpochStart,
@@ -68,7 +69,7 @@ class TrainingLoop:
         self.boundary = boundary
         self.position: dict[str, Any] = {"epoch": 0, "batches_done": 0, "in_epoch": False}
         self.epoch_start: EpochStart | None = None
-        self.losses: list[torch.Tensor] = []  # since the last log interval, on the device
+        self.losses = LossTracker()
         self.train_loader: Iterable[Any] | None = None
         self.pending_random: RandomStates | None = None
         self.pending_loader_generators: dict[str, torch.Tensor] | None = None
@@ -221,7 +222,7 @@ class TrainingLoop:
         wanted = bus.wanted
         signals = dispatcher.signals
         pending, values = policy.pending, state.values
-        begin_batch, track = state.begin_batch, self.losses.append
+        begin_batch, track = state.begin_batch, self.losses.recent.append
         model.train()
         ddp = engine.forward
         forward = model.forward_step if ddp is None else ddp
@@ -331,13 +332,15 @@ class TrainingLoop:
                         if step_end is not None:
                             step_end(optimizers)
                 if finite:
-                    # Kept on the device, summed and read at log intervals only (a host-device
-                    # sync); appending costs no kernel launch per step.
+                    # Kept on the device, folded every FOLD_EVERY iterations and read at log
+                    # intervals only (a host-device sync); appending launches no kernel.
                     track(loss.detach())
             position["batches_done"] = batch_idx + 1
             log_step = iteration % log_every == 0 or is_last
             if log_step:
                 self._log_loss()
+            elif iteration % FOLD_EVERY == 0:
+                self.losses.fold()
             # Distributed: emitted on every rank (its emitter is never None), so that each
             # knows when to agree, even where the subscribers run on rank 0 only.
             if batch_end is not None:
@@ -446,13 +449,11 @@ class TrainingLoop:
         if not self.losses:
             return
         engine = self.engine
-        mean_tensor = torch.stack(self.losses).float().mean()
+        mean_tensor, count = self.losses.take_mean()
         group = engine.dispatcher.group
         if group is not None:
             mean_tensor = group.mean(mean_tensor)
         mean = float(mean_tensor.item())  # host-device sync
-        count = len(self.losses)
-        self.losses.clear()
         if not math.isfinite(mean) and engine.settings.nonfinite_loss == "stop":
             last = engine.state.get("iteration")
             reason = (

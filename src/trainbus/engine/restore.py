@@ -182,8 +182,7 @@ def restore(
     engine.state.update(**restored)
     engine.bus.load_state_dict(document["bus"])
     _load_callback_states(engine, tensors["callbacks"], name)
-    losses = own["losses"]
-    loop.losses = [] if losses is None else list(losses.to(engine.device).unbind())
+    loop.losses.load(own, engine.device)
     loop.position = dict(position)
     loop.pending_random = own["random"]
     loop.pending_loader_generators = own["loader_generators"]

@@ -112,8 +112,8 @@ class Saver:
             "random": loop.random_before_validation or capture_random_states(),
             "loader_generators": capture_loader_generators(loop.train_loader),
             "epoch_start": (loop.epoch_start.as_dict() if in_epoch and loop.epoch_start else None),
-            # The losses themselves, not their sum: the resumed run sums them in the same order.
-            "losses": torch.stack(loop.losses).cpu() if loop.losses else None,
+            # The losses as tracked, not one sum: the resumed run sums them in the same order.
+            **loop.losses.saved(),
         }
         group = engine.dispatcher.group
         # Every rank's generators and losses differ: rank 0 writes them all.
