@@ -32,9 +32,13 @@ nvml_calls = []
 pynvml.nvmlInit = lambda *args, **kwargs: nvml_calls.append(args)
 handlers_before = list(logging.getLogger().handlers)
 sigint, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-import trainbus
+import trainbus, trainbus.cli
+light = "torch" not in sys.modules  # `trainbus runs` and `report` need no torch
+for name in trainbus.__all__:
+    getattr(trainbus, name)  # every public name imported: still no side effect
 import structlog, torch
 print(json.dumps({
+    "import_without_torch": light,
     "root_handlers_added": len(logging.getLogger().handlers) - len(handlers_before),
     "structlog_configured": structlog.is_configured(),
     "cuda_initialised": torch.cuda.is_initialized(),
@@ -49,6 +53,7 @@ print(json.dumps({
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
     )
     assert json.loads(result.stdout) == {
+        "import_without_torch": True,
         "root_handlers_added": 0,
         "structlog_configured": False,
         "cuda_initialised": False,

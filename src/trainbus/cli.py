@@ -1,5 +1,5 @@
 """The ``trainbus`` command: ``demo`` trains the bundled example, ``plan`` shows what runs when,
-``plugins`` what the installed plugin packages add."""
+``plugins`` what the installed plugin packages add, ``report`` and ``runs`` look at runs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainbus.errors import ConfigurationError, TrainbusError
-from trainbus.handlers.text import escape_control
+from trainbus.events.text import escape_control
 
 # The status a shell reports for a writer killed by SIGPIPE (128 + 13), as `yes | head` does.
 EXIT_BROKEN_PIPE = 141
@@ -110,7 +110,76 @@ def _parser() -> argparse.ArgumentParser:
     plugins.add_argument("--block", action="append", default=[], help="a plugin not to load")
     plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plugins.set_defaults(run=_plugins)
+
+    report = commands.add_parser(
+        "report",
+        help="write one self-contained HTML page about one or several runs",
+        description="Write one HTML file that opens offline (plots inlined as SVG, no script): "
+        "for one MAPS, its outcome, learning curves, learning rates, throughput and time split, "
+        "subscribers by time, GPU use, dispatch plan, settings and environment; for several, "
+        "the same curves overlaid and the settings that differ. Needs matplotlib: "
+        "pip install 'trainbus[report]'. Only reads the MAPS: safe while a run trains.",
+    )
+    report.add_argument("maps", nargs="+", type=Path, metavar="MAPS", help="run directories")
+    report.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="HTML file to write (default: MAPS/report.html for one run, ./report.html for "
+        "several)",
+    )
+    report.add_argument(
+        "--watch",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="rewrite the page every SECONDS while a run trains (the page reloads itself); "
+        "stops when the run's call ends",
+    )
+    report.set_defaults(run=_report)
+
+    runs = commands.add_parser(
+        "runs",
+        help="list the runs under a folder: status, epochs, best metric, times",
+        description="One line per MAPS found under DIR (recursively, symbolic links not "
+        "followed): its path relative to DIR, the status of its last call, epochs, best "
+        "metric, start time and duration.",
+    )
+    runs.add_argument("directory", type=Path, metavar="DIR", help="folder holding runs")
+    runs.add_argument(
+        "--sort",
+        default=None,
+        metavar="METRIC",
+        help="best first by this validation metric (direction from maps.json)",
+    )
+    runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    runs.set_defaults(run=_runs)
     return parser
+
+
+def _report(arguments: argparse.Namespace) -> int:
+    from trainbus.report import write_report
+
+    try:
+        write_report(arguments.maps, arguments.output, watch=arguments.watch)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _runs(arguments: argparse.Namespace) -> int:
+    from trainbus.report import format_rows, list_runs
+
+    rows, note = list_runs(arguments.directory, arguments.sort)
+    if note:
+        print(f"trainbus runs: {escape_control(note)}", file=sys.stderr)
+    if arguments.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_rows(rows))
+    return 0
 
 
 def _demo(arguments: argparse.Namespace) -> int:
@@ -287,6 +356,16 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
 
 

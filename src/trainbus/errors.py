@@ -45,6 +45,10 @@ class DataError(TrainbusError, ValueError):
     """A data loader cannot be used: empty, or yielding something the loop cannot move."""
 
 
+class MissingDependencyError(TrainbusError, ImportError):
+    """An optional dependency a feature needs is not installed (the message names the extra)."""
+
+
 class MapsError(TrainbusError):
     """The experiment directory (MAPS) cannot be created, read or written."""
 
