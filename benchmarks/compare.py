@@ -50,7 +50,15 @@ import time
 from pathlib import Path
 
 import torch
-from support.contenders import MODELS, Batch, Runner, contenders, make_batches, make_network
+from support.contenders import (
+    MODELS,
+    Batch,
+    Runner,
+    contenders,
+    make_batches,
+    make_network,
+    quiet,
+)
 from support.lockstep import paired, run_lockstep
 
 import trainbus
@@ -107,17 +115,21 @@ def measure_whole(
 
 
 def measure_lockstep(
-    runners: dict[str, Runner], model: str, steps: int, rounds: int
+    runners: dict[str, Runner], model: str, steps: int, rounds: int, design: str | None = None
 ) -> dict[str, dict[str, float]]:
     """Every contender in its own thread, taking turns every 20 steps (module docstring).
 
     ``rounds`` lock-step runs, each with fresh threads and networks: the figures are the
     median over rounds, and ``ratio_low``/``ratio_high`` the lowest and highest round.
+    ``design`` names the design-minimum contender: ``vs_design`` is then each contender's
+    median paired ratio to it (step k against its step k), the precise way to compare two
+    contenders that both sit a few percent above the raw loop.
     """
     batches = make_batches(model, steps)
     for runner in runners.values():  # warm-up: imports, allocator, first-call caches
         timed(runner, model, batches[:3])
     per_round = []
+    against_design: list[dict[str, dict[str, float]]] = []
     for _ in range(rounds):
         gc.collect()
         gc.disable()
@@ -126,6 +138,8 @@ def measure_lockstep(
         finally:
             gc.enable()
         per_round.append(paired(steps_by_name, reference="raw"))
+        if design is not None:
+            against_design.append(paired(steps_by_name, reference=design))
     results = {}
     for name in runners:
         rows = [result[name] for result in per_round]
@@ -133,6 +147,10 @@ def measure_lockstep(
             "ratio_low": min(row["ratio"] for row in rows),
             "ratio_high": max(row["ratio"] for row in rows),
         }
+        if against_design:
+            results[name]["vs_design"] = statistics.median(
+                result[name]["ratio"] for result in against_design
+            )
     return results
 
 
@@ -170,20 +188,23 @@ def main() -> None:
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
     )
     if lockstep:
-        results = measure_lockstep(runners, arguments.model, steps, repeats)
+        design = f"design+{arguments.subscribers}"
+        with quiet():
+            results = measure_lockstep(runners, arguments.model, steps, repeats, design=design)
         print(
             f"{'contender':<20} {'us/step':>9} {'x raw':>7} {'quartiles':>13} {'extra us':>9} "
-            f"{'rounds':>13}"
+            f"{'rounds':>13} {'x design':>9}"
         )
         for name, row in results.items():
             quartiles = f"{row['ratio_q1']:.3f}-{row['ratio_q3']:.3f}"
             rounds = f"{row['ratio_low']:.3f}-{row['ratio_high']:.3f}"
             print(
                 f"{name:<20} {row['us_per_step']:>9.1f} {row['ratio']:>7.3f} {quartiles:>13} "
-                f"{row['extra_us']:>9.1f} {rounds:>13}"
+                f"{row['extra_us']:>9.1f} {rounds:>13} {row['vs_design']:>9.3f}"
             )
     else:
-        results = measure_whole(runners, arguments.model, steps, repeats, seed=0)
+        with quiet():
+            results = measure_whole(runners, arguments.model, steps, repeats, seed=0)
         print(
             f"{'contender':<20} {'us/step':>9} {'spread':>15} {'x raw':>7} "
             f"{'x raw spread':>13} {'fixed ms':>9}"

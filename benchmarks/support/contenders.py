@@ -202,7 +202,7 @@ def _state_noop(*, state: Any) -> None:
 
 
 def trainbus_defaults(network: nn.Module, batches: Iterable[Batch]) -> None:
-    with tempfile.TemporaryDirectory() as scratch, _quiet():
+    with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(Path(scratch) / "maps", _supervised(network), plugins=False, max_epochs=1)
         trainer.train(batches)
 
@@ -255,7 +255,7 @@ def lightning_runner(count: int, *, defaults: bool) -> Runner:
         def on_train_batch_end(self, *_: Any) -> None: ...
 
     def run(network: nn.Module, batches: Iterable[Batch]) -> None:
-        with tempfile.TemporaryDirectory() as scratch, _quiet():
+        with tempfile.TemporaryDirectory() as scratch:
             options: dict[str, Any] = {
                 "max_epochs": 1,
                 "accelerator": "cpu",
@@ -290,8 +290,12 @@ class _Batches:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Console output goes nowhere (its cost stays: it is written, then dropped)."""
+def quiet() -> Iterator[None]:
+    """Console output goes nowhere (its cost stays: it is written, then dropped).
+
+    Process-wide (``sys.stdout``, warnings, logging): enter it once, around a whole
+    measurement, never inside the contenders' threads.
+    """
     sink = io.StringIO()
     with (
         contextlib.redirect_stderr(sink),

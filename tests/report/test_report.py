@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import os
 import re
 import shutil
 import sys
@@ -169,3 +170,20 @@ def test_missing_matplotlib_names_the_extra(
     error = capsys.readouterr().err
     assert "pip install 'trainbus[report]'" in error
     assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_the_page_gets_the_mode_the_umask_gives(
+    trained: Mapping[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    umask: int,
+    mode: int,
+) -> None:
+    target = tmp_path / "page.html"
+    previous = os.umask(umask)
+    try:
+        report(capsys, str(trained["early"]), "-o", str(target))
+    finally:
+        os.umask(previous)
+    assert target.stat().st_mode & 0o777 == mode

@@ -222,7 +222,7 @@ class TrainingLoop:
         wanted = bus.wanted
         signals = dispatcher.signals
         pending, values = policy.pending, state.values
-        begin_batch, track = state.begin_batch, self.losses.recent.append
+        track = self.losses.recent.append
         model.train()
         ddp = engine.forward
         forward = model.forward_step if ddp is None else ddp
@@ -241,6 +241,7 @@ class TrainingLoop:
         position = self.position
         emitters = self.emitters
         checks = self.limits.active or (interval is not None and val_loader is not None)
+        fold_every = FOLD_EVERY
         bound = -1
         batch_start = forward_start = backward_start = backward_end = batch_end = None
         step_start = step_end = None
@@ -267,11 +268,15 @@ class TrainingLoop:
                     step_end,
                 ) = (emitters[event] for event in STEP_EVENTS)
             # One change per batch start: samples_seen counts this batch from batch_start on.
-            if type(batch) is tuple and type(batch[0]) is torch.Tensor and batch[0].ndim:
-                samples = batch[0].shape[0]  # the common case, without a call
+            if type(batch) is tuple and type(head := batch[0]) is torch.Tensor and head.ndim:
+                samples = head.shape[0]  # the common case, without a call
             else:
                 samples = batch_size(batch)
-            iteration = begin_batch(batch_idx, samples * world_size)
+            iteration = values["iteration"] + 1
+            values["batch_idx"] = batch_idx
+            values["iteration"] = iteration
+            values["samples_seen"] += samples * world_size
+            state.cached = None
             loss: torch.Tensor | None = None
             output: Any = None
             if batch_start is None or not batch_start(batch):
@@ -323,11 +328,16 @@ class TrainingLoop:
                     else:
                         direct.step()
                         direct.zero_grad(set_to_none=True)
-                        state.step_done()
+                        values["global_step"] += 1
+                        state.cached = None
                         # Tensor learning rates are read at log intervals only: comparing them
                         # would be a host-device sync.
-                        recorded = values["learning_rates"]
-                        if not tensor_rates and rates_moved(optimizers, recorded):
+                        recorded, groups = values["learning_rates"], direct.param_groups
+                        if not tensor_rates and (
+                            (groups[0]["lr"],) != recorded
+                            if len(groups) == 1
+                            else rates_moved(optimizers, recorded)
+                        ):
                             state.update(**learning_rates(optimizers, read_tensors=True))
                         if step_end is not None:
                             step_end(optimizers)
@@ -339,7 +349,7 @@ class TrainingLoop:
             log_step = iteration % log_every == 0 or is_last
             if log_step:
                 self._log_loss()
-            elif iteration % FOLD_EVERY == 0:
+            elif iteration % fold_every == 0:
                 self.losses.fold()
             # Distributed: emitted on every rank (its emitter is never None), so that each
             # knows when to agree, even where the subscribers run on rank 0 only.

@@ -150,16 +150,19 @@ class StateKeeper:
 
     ``update`` only records values; :meth:`snapshot` builds the frozen object on first use after
     a change and returns the same object until the next one. ``snapshots_built`` counts builds
-    (an event nobody listens to must not build one). :meth:`begin_batch` and :meth:`step_done`
-    record the per-step changes of the loop without the checks of :meth:`update`.
+    (an event nobody listens to must not build one). :meth:`step_done` records an optimizer
+    step without the checks of :meth:`update`; the training loop's hot path writes its
+    counters into :attr:`values` itself, then sets :attr:`cached` to None (a method call per
+    batch is measurable there).
     """
 
-    __slots__ = ("_snapshot", "snapshots_built", "values")
+    __slots__ = ("cached", "snapshots_built", "values")
 
     def __init__(self, **values: Any) -> None:
         self.values: dict[str, Any] = {name: getattr(_DEFAULTS, name) for name in FIELD_NAMES}
-        """The current values by field name: read by the loop's hot path, written only here."""
-        self._snapshot: TrainerState | None = None
+        """The current values by field name: written here, and by the loop's hot path."""
+        self.cached: TrainerState | None = None
+        """The snapshot of the current values, or None: whoever writes ``values`` resets it."""
         self.snapshots_built = 0
         self.update(**values)
 
@@ -174,22 +177,12 @@ class StateKeeper:
             if type(value) is dict:  # FrozenDict values are kept as they are
                 changes[key] = FrozenDict(value)
         self.values.update(changes)
-        self._snapshot = None
-
-    def begin_batch(self, batch_idx: int, samples: int) -> int:
-        """A training batch starts: its index, one more iteration, its samples; the iteration."""
-        values = self.values
-        iteration: int = values["iteration"] + 1
-        values["batch_idx"] = batch_idx
-        values["iteration"] = iteration
-        values["samples_seen"] += samples
-        self._snapshot = None
-        return iteration
+        self.cached = None
 
     def step_done(self) -> None:
         """An optimizer step was taken: one more global step."""
         self.values["global_step"] += 1
-        self._snapshot = None
+        self.cached = None
 
     def get(self, name: str) -> Any:
         """The current value of one field, without building a snapshot."""
@@ -197,9 +190,9 @@ class StateKeeper:
 
     def snapshot(self) -> TrainerState:
         """The frozen state for the current values (built at most once per change)."""
-        snapshot = self._snapshot
+        snapshot = self.cached
         if snapshot is None:
             snapshot = _build_snapshot(self.values)
-            self._snapshot = snapshot
+            self.cached = snapshot
             self.snapshots_built += 1
         return snapshot

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from trainbus.engine.files import create_file
 from trainbus.errors import ConfigurationError, MapsError
 from trainbus.report.figures import require_matplotlib
 from trainbus.report.page import page
@@ -96,9 +96,8 @@ def write_report(
 def _write(target: Path, text: str) -> None:
     folder = target.parent
     try:
-        descriptor, temporary = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".tmp", dir=folder or "."
-        )
+        # The mode an ordinary open() gives under the umask, as for every file trainbus writes.
+        descriptor, temporary = create_file(folder or Path("."), f".{target.name}.")
     except OSError as exc:
         raise MapsError(
             f"cannot write the report into {str(folder)!r}: {exc.strerror or exc}; choose "
@@ -107,7 +106,6 @@ def _write(target: Path, text: str) -> None:
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.chmod(temporary, 0o644)
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
