@@ -748,6 +748,7 @@ MODEL_CHECKPOINT: dict[str, list[Bad]] = {
         wrong_value("-x"),
         wrong_value("a" * 200),
     ],
+    "asynchronous": _BOOL,
 }
 
 
@@ -764,6 +765,7 @@ TRAINING_CHECKPOINT: dict[str, list[Bad]] = {
     "every_n_steps": _COUNT,
     "save_on_train_end": _BOOL,
     "keep": [*_COUNT, wrong_type(None)],
+    "asynchronous": _BOOL,
 }
 
 LOGGER: dict[str, list[Bad]] = {
@@ -958,7 +960,7 @@ COMMAND_CASES = [
         _constructor(Stop),
     ),
     *rows("SkipStep", _REASON, _constructor(SkipStep)),
-    *rows("SaveTrainingState", _REASON, _constructor(SaveTrainingState)),
+    *rows("SaveTrainingState", {**_REASON, "asynchronous": _BOOL}, _constructor(SaveTrainingState)),
     *rows(
         "SaveCheckpoint",
         {
@@ -980,6 +982,7 @@ COMMAND_CASES = [
                 wrong_value((("loss", torch.tensor(0.5)),)),
                 wrong_value((("epochs", [1, 2]),)),
             ],
+            "asynchronous": _BOOL,
         },
         _constructor(SaveCheckpoint, tag="best"),
     ),
@@ -1421,7 +1424,11 @@ NO_WRONG_VALUE: dict[str, dict[str, str]] = {
         "check_finite": "both bools are valid",
         "restore_best_weights": "both bools are valid",
     },
-    "ModelCheckpointCallback": {"save_last": "both bools are valid"},
+    "ModelCheckpointCallback": {
+        "save_last": "both bools are valid",
+        "asynchronous": "both bools are valid",
+    },
+    "TrainingCheckpointCallback": {"asynchronous": "both bools are valid"},
     "LoggerCallback": {
         "console": "both bools are valid",
         "progress_bar": "True, False and None are all valid",
@@ -1440,7 +1447,11 @@ NO_WRONG_VALUE: dict[str, dict[str, str]] = {
     "TorchMetricConfig": {"metric": "any torchmetrics.Metric is valid"},
     "Stop": {"reason": "any text is a reason", "resumable": "both bools are valid"},
     "SkipStep": {"reason": "any text is a reason"},
-    "SaveTrainingState": {"reason": "any text is a reason"},
+    "SaveTrainingState": {
+        "reason": "any text is a reason",
+        "asynchronous": "both bools are valid",
+    },
+    "SaveCheckpoint": {"asynchronous": "both bools are valid"},
     "EventSpec": {"doc": "any text is a description", "skippable": "both bools are valid"},
     "load_weights": {"strict": "both bools are valid"},
 }

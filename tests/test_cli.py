@@ -42,10 +42,10 @@ def test_demo_trains_to_at_least_95_percent_and_summarises(
         rows = list(csv.DictReader(stream, delimiter="\t"))
     best = max(float(row["accuracy"]) for row in rows)
     assert best >= 0.95
-    assert "Summary" in result.stdout
-    assert f"validation accuracy {best:.2%}" in result.stdout
+    assert f"trainbus: training summary ({maps})" in result.stdout
+    assert f"validation accuracy {best:.2%} (best epoch " in result.stdout
     assert str(maps) in result.stdout
-    assert "best epoch" in result.stdout
+    assert f"trainbus report {maps}" in result.stdout
 
 
 def test_demo_writes_a_complete_maps(

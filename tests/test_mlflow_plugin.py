@@ -9,21 +9,17 @@ process on the source module, loaded by path without touching ``sys.path``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import re
 import shutil
-import subprocess
 import sys
 import types
 from collections.abc import Iterator
-from email.parser import Parser
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import installing
 from tests.installing import pip_install
 from trainbus import Trainer, TrainerState
 from trainbus.errors import ConfigurationError, ConfigurationTypeError, TrainbusWarning
@@ -206,25 +202,10 @@ def runs(installed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("mlflow-runs")
     script = work / "runs.py"
     script.write_text(RUNS_SCRIPT)
-    environment = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in {"TRAINBUS_DISABLE_PLUGIN_AUTOLOAD", "TRAINBUS_PLUGINS", ENV_URI}
-        and key not in {ENV_EXPERIMENT, "MLFLOW_TRACKING_URI"}
-    }
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [str(installed), *filter(None, [os.environ.get("PYTHONPATH")])]
+    environment = installing.plugin_environment(
+        installed, drop=[ENV_URI, ENV_EXPERIMENT, "MLFLOW_TRACKING_URI"]
     )
-    result = subprocess.run(
-        [sys.executable, str(script), str(ROOT), str(work)],
-        env=environment,
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    installing.run_script(script, work, environment, str(ROOT), str(work))
     return work
 
 
@@ -234,21 +215,9 @@ def outcome(runs: Path) -> dict[str, Any]:
 
 
 def test_the_installation_declares_the_entry_point_and_its_dependency(installed: Path) -> None:
-    info = installed / "trainbus_mlflow-0.1.0.dist-info"
-    assert (info / "entry_points.txt").read_text().split() == [
-        "[trainbus.plugins]",
-        "mlflow",
-        "=",
-        "trainbus_mlflow:MlflowCallback",
-    ]
-    metadata = Parser().parsestr((info / "METADATA").read_text())
-    assert metadata["Name"] == "trainbus-mlflow"
-    assert metadata["Version"] == "0.1.0"
-    assert {re.split(r"[<>=!~ ]", r)[0] for r in metadata.get_all("Requires-Dist", [])} == {
-        "trainbus",
-        "mlflow",
-    }
-    assert (installed / MODULE / "py.typed").is_file()
+    installing.check_installed_plugin(
+        installed, "trainbus-mlflow", "mlflow = trainbus_mlflow:MlflowCallback", {"mlflow"}
+    )
 
 
 def test_maps_json_reports_the_plugin_loaded_with_its_subscribers(runs: Path) -> None:
@@ -382,22 +351,8 @@ def test_an_unreachable_store_warns_once_and_training_completes(runs: Path) -> N
 @pytest.fixture(scope="module")
 def plugin() -> Iterator[types.ModuleType]:
     """The package's module from its source tree (its metadata is not installed here)."""
-    init = PACKAGE / "src" / MODULE / "__init__.py"
-    spec = importlib.util.spec_from_file_location(
-        MODULE, init, submodule_search_locations=[str(init.parent)]
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name.startswith(MODULE)}
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[MODULE] = module
-    try:
-        spec.loader.exec_module(module)
+    with installing.source_module(PACKAGE / "src" / MODULE / "__init__.py", MODULE) as module:
         yield module
-    finally:
-        for name in [name for name in sys.modules if name.startswith(MODULE)]:
-            del sys.modules[name]
-        sys.modules.update(saved)
 
 
 @pytest.fixture

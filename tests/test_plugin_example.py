@@ -8,9 +8,7 @@ this process on the source module, loaded by path without touching ``sys.path``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -28,6 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import (  # type: ig
     EventAccumulator,  # tensorboard ships no annotations
 )
 
+from tests import installing
 from tests.installing import pip_install
 from trainbus import Trainer, TrainerState
 from trainbus.errors import ConfigurationError, ConfigurationTypeError
@@ -109,16 +108,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def plugin_environment(target: Path, **variables: str) -> dict[str, str]:
     """This environment, with ``target`` first on PYTHONPATH and no plugin control set."""
-    environment = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in {"TRAINBUS_DISABLE_PLUGIN_AUTOLOAD", "TRAINBUS_PLUGINS", ENV_EVERY}
-    }
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [str(target), *filter(None, [os.environ.get("PYTHONPATH")])]
-    )
-    environment.update(variables)
-    return environment
+    return installing.plugin_environment(target, drop=[ENV_EVERY], **variables)
 
 
 RUNS_SCRIPT = """
@@ -170,16 +160,8 @@ def runs(installed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("tensorboard-runs")
     script = work / "runs.py"
     script.write_text(RUNS_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script), str(ROOT), str(work)],
-        env=plugin_environment(installed, **{ENV_EVERY: "2"}),
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    environment = plugin_environment(installed, **{ENV_EVERY: "2"})
+    installing.run_script(script, work, environment, str(ROOT), str(work))
     return work
 
 
@@ -189,22 +171,16 @@ def maps_json(work: Path, name: str) -> dict[str, Any]:
 
 
 def test_the_installation_declares_the_entry_point_and_the_package(installed: Path) -> None:
-    info = installed / "trainbus_tensorboard-0.1.0.dist-info"
-    assert (info / "entry_points.txt").read_text().split() == [
-        "[trainbus.plugins]",
-        "tensorboard",
-        "=",
-        "trainbus_tensorboard:TensorBoardCallback",
-    ]
-    metadata = Parser().parsestr((info / "METADATA").read_text())
-    assert metadata["Name"] == "trainbus-tensorboard"
-    assert metadata["Version"] == "0.1.0"
+    installing.check_installed_plugin(
+        installed,
+        "trainbus-tensorboard",
+        "tensorboard = trainbus_tensorboard:TensorBoardCallback",
+        {"tensorboard"},
+    )
+    metadata = Parser().parsestr(
+        (installed / "trainbus_tensorboard-0.1.0.dist-info" / "METADATA").read_text()
+    )
     assert metadata["Requires-Python"] == ">=3.11"
-    assert {re.split(r"[<>=!~ ]", r)[0] for r in metadata.get_all("Requires-Dist", [])} == {
-        "trainbus",
-        "tensorboard",
-    }
-    assert (installed / MODULE / "py.typed").is_file()
     assert (installed / MODULE / "callback.py").is_file()
 
 
@@ -349,22 +325,8 @@ def test_the_command_line_lists_the_plugin_and_its_subscribers(installed: Path) 
 @pytest.fixture(scope="module")
 def plugin() -> Iterator[types.ModuleType]:
     """The package's module from its source tree (its metadata is not installed here)."""
-    init = PACKAGE / "src" / MODULE / "__init__.py"
-    spec = importlib.util.spec_from_file_location(
-        MODULE, init, submodule_search_locations=[str(init.parent)]
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name.startswith(MODULE)}
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[MODULE] = module
-    try:
-        spec.loader.exec_module(module)
+    with installing.source_module(PACKAGE / "src" / MODULE / "__init__.py", MODULE) as module:
         yield module
-    finally:
-        for name in [name for name in sys.modules if name.startswith(MODULE)]:
-            del sys.modules[name]
-        sys.modules.update(saved)
 
 
 def test_the_callback_keeps_the_plugin_contract(plugin: types.ModuleType) -> None:

@@ -190,18 +190,18 @@ def _demo(arguments: argparse.Namespace) -> int:
     # Flushed now: a reader sees it before training starts, in order with the log on stderr.
     print(f"trainbus demo: training a small CNN on the digits data set into {maps}", flush=True)
     result = run_demo(maps, epochs=epochs, seed=arguments.seed)
+    # The Trainer printed its summary (epochs, outcome, best metrics, weights); what follows
+    # is the demo's own: its headline figure and where to look next.
     print()
-    print("Summary")
-    print(f"  epochs run          {result.epochs} of at most {epochs}")
-    if result.stopped_by:
-        print(f"  stopped by          {result.stopped_by}: {result.stop_reason}")
-    print(f"  best epoch          {result.best_epoch} (0-based)")
-    print(f"  validation accuracy {result.best_accuracy:.2%}")
-    print(f"  best validation loss {result.best_loss:.4f}")
-    print(f"  experiment files    {result.maps}")
-    print(f"    metrics           {result.maps / 'metrics.tsv'}")
-    print(f"    best weights      {result.maps / 'checkpoints' / 'best-accuracy'}")
-    print(f"    configuration     {result.maps / 'maps.json'}")
+    print(
+        f"validation accuracy {result.best_accuracy:.2%} (best epoch {result.best_epoch + 1} "
+        f"of {result.epochs})"
+    )
+    print(f"experiment files    {result.maps}")
+    print(f"  metrics           {result.maps / 'metrics.tsv'}")
+    print(f"  best weights      {result.maps / 'checkpoints' / 'best-accuracy'}")
+    print(f"  configuration     {result.maps / 'maps.json'}")
+    print(f"look at the run:    trainbus report {result.maps}")
     return 0
 
 

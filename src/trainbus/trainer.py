@@ -424,13 +424,10 @@ class Trainer(Subscribing):
         check_loader("train_loader", train_loader)
         if val_loader is not None:
             check_loader("val_loader", val_loader)
-        engine, calls = self._engine, self._calls
-        if resume is None:
-            # Under torchrun, a restart after a worker failed resumes the interrupted run.
-            resume = engine.adopt_maps or (
-                engine.placement.restart_count > 0 and engine.maps.is_maps()
-            )
-        elif not isinstance(resume, bool) and not (isinstance(resume, str) and resume == "auto"):
+        calls = self._calls
+        if resume is not None and not (
+            isinstance(resume, bool) or (isinstance(resume, str) and resume == "auto")
+        ):
             raise ConfigurationTypeError(f"resume={resume!r} is not True, False or 'auto'")
         run_training(calls, self._loop, self._saver, train_loader, val_loader, resume)
         return self.state

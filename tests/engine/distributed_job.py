@@ -2,7 +2,9 @@
 
 Every rank writes ``<out>/rank<N>.json`` (its final state, the agreements it took part in)
 and ``<out>/rank<N>.pt`` (its final weights). Options inject what the tests need: a stop or a
-skipped step requested on one rank only, and a crash of one worker on the first attempt.
+skipped step requested on one rank only, a crash of one worker on the first attempt, a
+worker that stops at an iteration of the first attempt and waits to be killed (its pid in a
+file), and a record of every write this process made under the MAPS.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--skip-at-iteration", type=int, default=None)
     parser.add_argument("--crash-rank", type=int, default=None)
     parser.add_argument("--crash-at-iteration", type=int, default=None)
+    parser.add_argument("--hang-rank", type=int, default=None)
+    parser.add_argument("--hang-at-iteration", type=int, default=None)
+    parser.add_argument("--pid-file", type=Path, default=None, help="where the hanging rank says")
+    parser.add_argument("--audit-writes", action="store_true", help="<out>/writes<N>.json")
     parser.add_argument("--log-every", type=int, default=4)
     parser.add_argument("--rank-seeds", action="store_true", help="a different RNG per rank")
     parser.add_argument("--step-seconds", type=float, default=0.0, help="slow each step down")
@@ -113,6 +119,67 @@ class Crash(Callback):
             os._exit(3)
 
 
+class Hang(Callback):
+    """Writes this worker's pid at one iteration of the first attempt, then waits to be killed."""
+
+    def __init__(self, rank: int, iteration: int, pid_file: Path) -> None:
+        self.rank, self.iteration, self.pid_file = rank, iteration, pid_file
+
+    def on_batch_end(self, *, state: TrainerState) -> None:
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if first_attempt and state.rank == self.rank and state.iteration == self.iteration:
+            written = self.pid_file.with_name(self.pid_file.name + ".tmp")
+            written.write_text(str(os.getpid()))
+            written.rename(self.pid_file)  # the test never reads a half-written pid
+            time.sleep(120)
+            os._exit(4)  # the test failed to kill it: this attempt fails another way
+
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+WRITE_EVENTS = {
+    "os.rename": 2,
+    "os.remove": 1,
+    "os.rmdir": 1,
+    "os.mkdir": 1,
+    "os.link": 2,
+    "os.symlink": 2,
+    "os.truncate": 1,
+    "os.chmod": 1,
+    "os.utime": 1,
+    "shutil.copyfile": 2,
+    "shutil.rmtree": 1,
+    "shutil.move": 2,
+}
+"""Audit events that change the file system, with how many of their arguments are paths."""
+
+
+def audit_writes(maps: Path) -> list[str]:
+    """Records every change this process makes under ``maps`` (Python's audit hooks see them)."""
+    root = os.path.realpath(maps)
+    seen: list[str] = []
+
+    def inside(path: object) -> bool:
+        if not isinstance(path, str | bytes | os.PathLike):
+            return False
+        resolved = os.path.realpath(os.fsdecode(path))
+        return resolved == root or resolved.startswith(root + os.sep)
+
+    def hook(event: str, arguments: tuple[Any, ...]) -> None:
+        if event == "open":
+            path, mode, flags = arguments
+            writes = any(c in mode for c in "wax+") if isinstance(mode, str) else False
+            writes = writes or bool(isinstance(flags, int) and flags & WRITE_FLAGS)
+            if writes and inside(path):
+                seen.append(f"open {os.fsdecode(path)}")
+        elif event in WRITE_EVENTS:
+            paths = arguments[: WRITE_EVENTS[event]]
+            if any(inside(path) for path in paths):
+                seen.append(f"{event} {os.fsdecode(paths[-1])}")
+
+    sys.addaudithook(hook)
+    return seen
+
+
 def summary_of(state: TrainerState) -> dict[str, Any]:
     return {
         "rank": state.rank,
@@ -128,6 +195,7 @@ def summary_of(state: TrainerState) -> dict[str, Any]:
 
 def main() -> None:
     options = arguments()
+    writes = audit_writes(options.maps) if options.audit_writes else None
     options.skip_at = options.skip_at_iteration
     options.stop_at = options.stop_at_iteration
     agreements = [0]
@@ -146,6 +214,8 @@ def main() -> None:
         callbacks.append(OneRankDecides(options))
     if options.crash_rank is not None:
         callbacks.append(Crash(options.crash_rank, options.crash_at_iteration))
+    if options.hang_rank is not None:
+        callbacks.append(Hang(options.hang_rank, options.hang_at_iteration, options.pid_file))
     if options.step_seconds:
         callbacks.append(Slow(options.step_seconds))
     if options.early_stopping:
@@ -175,13 +245,15 @@ def main() -> None:
     test_metrics = trainer.test(validation)
     rank = state.rank
     options.out.mkdir(parents=True, exist_ok=True)
+    if writes is not None:
+        (options.out / f"writes{rank}.json").write_text(json.dumps(writes, indent=2))
     torch.save(trainer.model.state_dict(), options.out / f"rank{rank}.pt")
     summary = {
         **summary_of(state),
         "test_metrics": test_metrics,
         "train_loss": state.train_loss,
         "agreements": agreements[0],
-        "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        "restart_count": trainer.placement.restart_count,  # as the ranks agreed on it
         "group_initialised": torch.distributed.is_initialized(),
     }
     (options.out / f"rank{rank}.json").write_text(json.dumps(summary, indent=2))

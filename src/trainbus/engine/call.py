@@ -18,6 +18,7 @@ Every ``train``/``validate``/``test``/``predict`` goes through :class:`CallRunne
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import functools
 import os
@@ -92,6 +93,10 @@ class CallRunner:
             return
         group = dist_tools.ProcessGroup(engine.placement, engine.device)
         group.open()
+        if group.restart_count != engine.placement.restart_count:
+            engine.placement = dataclasses.replace(
+                engine.placement, restart_count=group.restart_count
+            )
         engine.dispatcher.open_group(group)
         try:
             yield
@@ -176,18 +181,25 @@ class CallRunner:
         engine = self.engine
         teardown_error: BaseException | None = None
         try:
-            try:
-                engine.dispatcher.emit("teardown")
-            except Exception as raised:
-                if error is None:
-                    teardown_error = raised
-                else:
-                    error.add_note(
-                        escape_control(
-                            "trainbus: while tearing down after this error, "
-                            f"{type(raised).__name__}: {raised}"
+            # A background checkpoint write ends before the MAPS is released, even after an
+            # error; its `checkpoint` events still reach the handlers, before `teardown`.
+            for ending, doing in (
+                (self.saver.flush, "finishing the background checkpoint write"),
+                (functools.partial(engine.dispatcher.emit, "teardown"), "tearing down"),
+            ):
+                try:
+                    ending()
+                except Exception as raised:
+                    first = error or teardown_error
+                    if first is None:
+                        teardown_error = raised
+                    else:
+                        first.add_note(
+                            escape_control(
+                                f"trainbus: while {doing} after this error, "
+                                f"{type(raised).__name__}: {raised}"
+                            )
                         )
-                    )
             deterministic.__exit__()
             engine.state.update(stage="idle")
             engine.policy.end_call()

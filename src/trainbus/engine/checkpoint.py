@@ -51,11 +51,14 @@ WEIGHTS = "model.safetensors"
 def save_weights(
     maps: Maps,
     tag: str,
-    model: nn.Module,
+    model: nn.Module | Mapping[str, torch.Tensor],
     *,
     metadata: Mapping[str, Any],
 ) -> Path:
-    """Commit ``model``'s weights under ``checkpoints/<tag>/``; an older one is replaced whole."""
+    """Commit ``model``'s weights under ``checkpoints/<tag>/``; an older one is replaced whole.
+
+    ``model`` may be a state dict already copied to host memory (an asynchronous save).
+    """
     return write_checkpoint(
         maps.directory(CHECKPOINTS_DIR),
         tag,
@@ -65,11 +68,10 @@ def save_weights(
     )
 
 
-def save_model_file(model: nn.Module, path: Path) -> None:
+def save_model_file(model: nn.Module | Mapping[str, torch.Tensor], path: Path) -> None:
     """Write ``model``'s state dict as safetensors (moved to the CPU, tied tensors unshared)."""
-    tensors = {
-        name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()
-    }
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
     # Serialised in memory, written by Python: a full disk is then an OSError (ENOSPC) that
     # names its cause, not a serialiser's own error type.
     path.write_bytes(safetensors.torch.save(_unshare(tensors)))
@@ -226,7 +228,7 @@ def training_state_name(iteration: int, *, epoch_end: bool) -> str:
 def save_training_state(
     maps: Maps,
     name: str,
-    model: nn.Module,
+    model: nn.Module | Mapping[str, torch.Tensor],
     *,
     tensors: Mapping[str, Any],
     document: Mapping[str, Any],

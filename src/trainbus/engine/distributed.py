@@ -181,7 +181,10 @@ class ProcessGroup:
         self.device = device
         self.rank = placement.rank
         self.world_size = placement.world_size
+        self.restart_count = placement.restart_count
+        """Restarts of the run, the same on every rank once :meth:`open` returns."""
         self._control: Any = None
+        self._attempt: int | None = None
 
     def open(self) -> None:
         """Initialise the process group from torchrun's environment, unless it already is."""
@@ -213,16 +216,27 @@ class ProcessGroup:
                     backend="gloo", timeout=timedelta(minutes=30)
                 )
             self._control = _control_groups[world]
+        if self._attempt is not None:
+            # torchrun counts a restart only on the node whose worker failed: every rank takes
+            # the highest count, so that all of them decide to resume alike.
+            seen = torch.tensor(
+                [max(self._attempt - 1, self.placement.restart_count)], dtype=torch.int64
+            )
+            dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=self._control)
+            self.restart_count = int(seen[0])
 
     def _rendezvous(self) -> dict[str, Any]:
         """How the ranks find each other: torchrun's environment, fresh keys after a restart.
 
         After a restart torchrun's agent keeps its store, and the keys the failed attempt
         wrote in it: a new worker can read a dead one's address and fail to connect. The
-        keys of each attempt are therefore put under their own prefix.
+        keys of each attempt are therefore put under their own prefix, numbered by the store
+        itself (each rank counts its starts there): ``TORCHELASTIC_RESTART_COUNT`` cannot
+        number them, as torchrun raises it only on the node whose worker failed, while it
+        restarts the workers of every node.
         """
         agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        if not (agent_store and self.placement.restart_count):
+        if not agent_store:
             return {"init_method": "env://"}
         store = dist.TCPStore(  # type: ignore[attr-defined]
             host_name=os.environ["MASTER_ADDR"],
@@ -231,7 +245,8 @@ class ProcessGroup:
             is_master=False,
             timeout=timedelta(minutes=30),
         )
-        prefix = f"trainbus/attempt-{self.placement.restart_count}"
+        self._attempt = int(store.add(f"trainbus/starts/rank-{self.rank}", 1))
+        prefix = f"trainbus/attempt-{self._attempt}"
         return {
             "store": dist.PrefixStore(prefix, store),  # type: ignore[attr-defined]
             "rank": self.rank,

@@ -4,18 +4,28 @@ The loop calls :meth:`Saver.at_boundary`; the :class:`~trainbus.engine.policy.Co
 says what is due there. A stop signal (SIGTERM, SIGINT) becomes a resumable stop and a
 training state here, at the first boundary after it arrived. Every MAPS write runs on rank 0
 only; every rank gets its result.
+
+An asynchronous save (single-process runs) waits only for a host copy of its tensors; the
+:class:`~trainbus.engine.background.BackgroundWriter` writes it, and its ``checkpoint`` event
+is emitted here, on the training thread, at the first boundary the loop stops at after the
+commit: the next save asked for, the end of the epoch, or a flush (a synchronous save, the
+end of ``train()``, a stop signal's state). A background error is raised there, as the
+synchronous write would have raised it, and ends training.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from trainbus.engine import checkpoint
+from trainbus.engine.background import BackgroundWriter, Finished, Write, host_copy
 from trainbus.engine.core import Engine, plain_values
 from trainbus.engine.policy import Boundary
 from trainbus.engine.resume import capture_loader_generators, capture_random_states
@@ -41,21 +51,82 @@ class Saver:
         self.loop: TrainingLoop | None = None
         self.last_training_state: str | None = None
         """Where the training state written last lies, if one was."""
+        self.background = BackgroundWriter()
+        """The writer of asynchronous saves: its ``waits`` and ``wait_seconds`` count the
+        saves that had to wait for the previous one, and for how long."""
 
     def at_boundary(self, boundary: Boundary, event: str) -> None:
         """Carry out what is due at ``boundary`` (reached right after ``event``)."""
         policy = self.engine.policy
         if policy.training and boundary is not Boundary.EVALUATION:
             self._stop_on_signal(event)
+        if self.background.finished:
+            self._announce(self.background.collect(wait=False))
         if not policy.has_pending:
             return
         weights, training_state = policy.due(boundary)
-        for request in weights:
-            self._write_weights(request)
         # The training state goes last, so it includes what handlers of the weights'
-        # `checkpoint` events recorded (e.g. where the best weights are).
-        if training_state is not None:
-            self._write_training_state(training_state)
+        # `checkpoint` events recorded (e.g. where the best weights are); a synchronous write
+        # first finishes every earlier one, so the MAPS changes in the order asked.
+        requests = [*weights, *([] if training_state is None else [training_state])]
+        job: list[Write] = []
+        host_weights: dict[str, torch.Tensor] | None = None
+        for request in requests:
+            background = self._in_background(request)
+            if background and not job:
+                # One job at a time: host memory holds at most two copies of the tensors.
+                self._announce(self.background.collect(wait=True, counted=True))
+            elif not background:
+                if job:
+                    self.background.submit(job)
+                    job = []
+                self.flush()
+            if background and host_weights is None:
+                host_weights = host_copy(dict(self.engine.model.state_dict()))
+            write = self._prepare(request, host_weights if background else None)
+            if background:
+                job.append(write)
+            else:
+                self._emit(write.tag, write.kind, self.on_main(write.run))
+        if job:
+            self.background.submit(job)
+
+    def flush(self) -> None:
+        """Wait for the background write, emit its ``checkpoint`` events, raise its error."""
+        self._announce(self.background.collect(wait=True))
+
+    def _in_background(self, request: Request) -> bool:
+        """Whether ``request`` is written asynchronously: asked so, in one process, no signal."""
+        dispatcher = self.engine.dispatcher
+        return (
+            getattr(request.command, "asynchronous", False) is True
+            and dispatcher.group is None
+            # A stop signal's state is the process's last: written before it exits.
+            and not dispatcher.signal_received()
+        )
+
+    def _announce(self, finished: Finished | None) -> None:
+        if finished is None:
+            return
+        for written in finished.written:
+            self._emit(written.tag, written.kind, written.checkpoint)
+        if finished.error is not None:
+            finished.error.add_note(
+                "trainbus: this checkpoint was written in the background (asynchronous=True); "
+                "its error is reported at the next save, the end of the epoch or of training"
+            )
+            raise finished.error
+
+    def _emit(self, tag: str, kind: str, path: Path) -> None:
+        if kind == "training":
+            self.last_training_state = str(path)
+        self.engine.dispatcher.emit("checkpoint", checkpoint=path, tag=tag, kind=kind)
+
+    def _prepare(self, request: Request, host_weights: dict[str, torch.Tensor] | None) -> Write:
+        """The write of ``request``, its values taken now (copied to the host with weights)."""
+        if isinstance(request.command, SaveCheckpoint):
+            return self._weights(request, host_weights)
+        return self._training_state(request, host_weights)
 
     def _stop_on_signal(self, event: str) -> None:
         """A signal arrived: stop (resumable) and write a training state."""
@@ -76,18 +147,18 @@ class Saver:
         group = self.engine.dispatcher.group
         return action() if group is None else group.on_main(action)
 
-    def _write_weights(self, request: Request) -> None:
+    def _weights(self, request: Request, host_weights: dict[str, torch.Tensor] | None) -> Write:
         engine = self.engine
         command = request.command
         assert isinstance(command, SaveCheckpoint)
         snapshot = engine.state.snapshot()
         model = engine.model
-        path = self.on_main(
+        return Write(
             functools.partial(
                 checkpoint.save_weights,
                 engine.maps,
                 command.tag,
-                model,
+                model if host_weights is None else host_weights,
                 metadata={
                     **dict(command.metadata),
                     "requested_by": request.source,
@@ -97,11 +168,14 @@ class Saver:
                     "iteration": snapshot.iteration,
                     "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
                 },
-            )
+            ),
+            command.tag,
+            "weights",
         )
-        engine.dispatcher.emit("checkpoint", checkpoint=path, tag=command.tag, kind="weights")
 
-    def _write_training_state(self, request: Request) -> None:
+    def _training_state(
+        self, request: Request, host_weights: dict[str, torch.Tensor] | None
+    ) -> Write:
         engine, loop = self.engine, self.loop
         assert loop is not None
         snapshot = engine.state.snapshot()
@@ -136,12 +210,16 @@ class Saver:
             "optimizer_defaults": [plain_values(o.defaults) for o in engine.optimizers],
             "world_size": engine.placement.world_size,
         }
-        path = self.on_main(
+        if host_weights is not None:
+            tensors = host_copy(tensors)
+            # Its values are taken now; the JSON text comes out the same when written.
+            document = json.loads(json.dumps(document, default=str))
+        return Write(
             functools.partial(
                 checkpoint.save_training_state,
                 engine.maps,
                 name,
-                engine.model,
+                engine.model if host_weights is None else host_weights,
                 tensors=tensors,
                 document=document,
                 metadata={
@@ -153,10 +231,10 @@ class Saver:
                     "global_step": snapshot.global_step,
                     "in_epoch": in_epoch,
                 },
-            )
+            ),
+            name,
+            "training",
         )
-        self.last_training_state = str(path)
-        engine.dispatcher.emit("checkpoint", checkpoint=path, tag=name, kind="training")
 
 
 def optimizer_class(optimizer: torch.optim.Optimizer) -> str:

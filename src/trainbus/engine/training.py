@@ -26,17 +26,26 @@ def run_training(
     saver: Saver,
     train_loader: Iterable[Any],
     val_loader: Iterable[Any] | None,
-    resume: bool | Literal["auto"],
+    resume: bool | Literal["auto"] | None,
 ) -> None:
-    """Train, resuming first when ``resume`` says so; a stop signal ends in its exception."""
+    """Train, resuming first when ``resume`` says so; a stop signal ends in its exception.
+
+    ``resume=None``: resume a MAPS adopted by ``Trainer.from_maps``, or one that torchrun
+    restarted this run in (decided once the process group agreed on the restart count).
+    """
     engine = calls.engine
     dispatcher = engine.dispatcher
     with calls.exclusive("train"), calls.distributed():
+        if resume is None:
+            resume = engine.adopt_maps or (
+                engine.placement.restart_count > 0 and engine.maps.is_maps()
+            )
         train_loader = calls.shard(train_loader, "train_loader", training=True)
         if val_loader is not None:
             val_loader = calls.shard(val_loader, "val_loader", training=False)
         engine.stepping_batches = stepping_batches(engine.settings, train_loader)
         engine.stepping_estimated = True
+        saver.flush()  # a resume reads the MAPS as every background write left it
         found = (
             saver.on_main(functools.partial(restore.resume_point, engine, auto=resume == "auto"))
             if resume
@@ -69,6 +78,7 @@ def run_training(
             dispatcher.emit("train_end")
             dispatcher.agree()
             saver.at_boundary(Boundary.TRAINING, "train_end")
+            saver.flush()  # the last background write's `checkpoint` event precedes teardown
     received = dispatcher.signal_received()
     if received:
         # After teardown: logs are flushed and the training state is written.

@@ -68,12 +68,16 @@ class SaveCheckpoint(Command):
 
     ``tag`` names the directory (letters, digits, ``._=-``; no separators), ``metadata`` adds
     plain values to its manifest. The ``checkpoint`` event announces the committed directory.
+    ``asynchronous=True``: the step waits only for a copy of the weights in host memory; the
+    files are written in the background (single-process runs; see :class:`SaveTrainingState`).
     """
 
     tag: str
     metadata: tuple[tuple[str, str | int | float | bool | None], ...] = ()
+    asynchronous: bool = False
 
     def __post_init__(self) -> None:
+        _check_asynchronous(self)
         if not isinstance(self.tag, str) or not _TAG.fullmatch(self.tag) or ".." in self.tag:
             raise ConfigurationError(
                 f"checkpoint tag {self.tag!r} is not a safe directory name; use letters, digits "
@@ -89,12 +93,22 @@ class SaveTrainingState(Command):
 
     Asked during an accumulation group, it is written when the group's optimizer step is done.
     The ``checkpoint`` event (``kind="training"``) announces the committed directory.
+
+    ``asynchronous=True``: the step waits only for a copy of the tensors in host memory; the
+    files, fsyncs, manifest, commit, ``latest`` and rotation follow on a background thread,
+    one write at a time (a request made while the previous write runs waits for it). Its
+    ``checkpoint`` event (or its error) comes at the first boundary after the commit where the
+    Trainer carries out something (the next save asked for, the end of the epoch), and every
+    write is finished before ``train()`` returns, before a resume, and before a stop signal's
+    own (synchronous) training state. Under torchrun the write stays synchronous.
     """
 
     reason: str = ""
+    asynchronous: bool = False
 
     def __post_init__(self) -> None:
         _check_reason(self)
+        _check_asynchronous(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +141,16 @@ def _check_reason(command: Stop | SkipStep | SaveTrainingState) -> None:
         raise ConfigurationTypeError(
             f"{name}: reason={reason!r} is not a string; pass the text recorded with "
             f"the request, e.g. {name}('validation loss reached 0.1')"
+        )
+
+
+def _check_asynchronous(command: SaveCheckpoint | SaveTrainingState) -> None:
+    asynchronous: object = command.asynchronous  # annotated bool, but given by user code
+    if not isinstance(asynchronous, bool):
+        name = type(command).__name__
+        raise ConfigurationTypeError(
+            f"{name}: asynchronous={asynchronous!r} is not a bool; pass True to write in the "
+            "background (the step waits only for a copy in host memory), else False"
         )
 
 

@@ -1,4 +1,4 @@
-"""Checkpoint tag conflicts: whether two ModelCheckpointCallbacks could write the same tag.
+"""Checkpoint tags: which epochs get one, and whether two ModelCheckpointCallbacks could clash.
 
 Each instance writes tags of a few families: a literal tag (``{prefix}best-{metric}``,
 ``{prefix}last``) or a head followed by an epoch number (``{prefix}epoch-{n}``,
@@ -182,3 +182,42 @@ def _range_intersection(left: range, right: range) -> int | None:
         if epoch in b:
             return epoch
     return None
+
+
+def check_epochs(epochs: object) -> Container[int] | None:
+    """``epochs`` as the container membership is tested against (ranges kept, others frozen)."""
+    if epochs is None:
+        return None
+    if isinstance(epochs, str | bytes) or not isinstance(epochs, Container):
+        raise ConfigurationError(
+            f"ModelCheckpointCallback: epochs={epochs!r} is not a collection of epoch numbers; "
+            "pass e.g. epochs=range(1, 100, 10) or epochs={0, 5} (0-based current_epoch), "
+            "or None"
+        )
+    if isinstance(epochs, range):
+        if not epochs:
+            raise ConfigurationError(
+                f"ModelCheckpointCallback: epochs={epochs!r} is empty; pass None to keep no "
+                "epoch checkpoints"
+            )
+        if min(epochs[0], epochs[-1]) < 0:
+            raise ConfigurationError(
+                f"ModelCheckpointCallback: epochs={epochs!r} holds negative epochs; epochs are "
+                "0-based (state.current_epoch)"
+            )
+        return epochs
+    if not isinstance(epochs, Collection):
+        return epochs  # membership only, e.g. a user-defined container of epochs
+    items = list(epochs)
+    bad = [e for e in items if isinstance(e, bool) or not isinstance(e, int) or e < 0]
+    if bad:
+        raise ConfigurationError(
+            f"ModelCheckpointCallback: epochs={epochs!r} holds {bad[0]!r}, which is not an epoch "
+            "number; pass ints >= 0 (0-based current_epoch), e.g. epochs={0, 5}"
+        )
+    if not items:
+        raise ConfigurationError(
+            f"ModelCheckpointCallback: epochs={epochs!r} is empty; pass None to keep no epoch "
+            "checkpoints"
+        )
+    return frozenset(items)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Container, Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,11 +13,11 @@ from trainbus.engine import checkpoint as checkpoints
 from trainbus.engine.maps import CHECKPOINTS_DIR, Maps
 from trainbus.engine.metrics import MetricInfo
 from trainbus.engine.state import TrainerState
-from trainbus.errors import CheckpointError, ConfigurationError
+from trainbus.errors import CheckpointError, ConfigurationError, ConfigurationTypeError
 from trainbus.events.callback import Callback
 from trainbus.events.commands import SaveCheckpoint
 from trainbus.handlers import priorities
-from trainbus.handlers.checkpoint_tags import check_tag_conflicts
+from trainbus.handlers.checkpoint_tags import check_epochs, check_tag_conflicts
 from trainbus.handlers.monitored import (
     Mode,
     check_mode,
@@ -78,6 +78,10 @@ class ModelCheckpointCallback(Callback):
       ``{prefix}last``.
     - ``prefix``: prepended to every tag, so several instances share one MAPS without writing
       the same directories; :func:`check_tag_conflicts` reports instances that would.
+    - ``asynchronous``: write in the background (default False; single-process runs, see
+      :class:`~trainbus.TrainingCheckpointCallback`): the step waits only for a host copy of
+      the weights; a replaced model is deleted when the ``checkpoint`` event of its
+      replacement comes (at the next save, the end of the epoch, or of training).
 
     The callback decides and the Trainer writes (atomically, with a manifest whose metadata
     holds ``metric``, ``value``, ``mode`` and ``epoch``). A model that falls out of the top k
@@ -108,13 +112,14 @@ class ModelCheckpointCallback(Callback):
         mode: Mode | None = None,
         every_n_epochs: int | None = None,
         prefix: str = "",
+        asynchronous: bool = False,
     ) -> None:
         if metric is not None and (not isinstance(metric, str) or not metric):
             raise ConfigurationError(
                 f"ModelCheckpointCallback: metric={metric!r} is not a metric name or None; pass "
                 "the name of a metric given to Trainer(metrics=...), e.g. metric='loss'"
             )
-        self._epoch_set = _check_epochs(epochs)
+        self._epoch_set = check_epochs(epochs)
         if not isinstance(save_last, bool):
             raise ConfigurationError(
                 f"ModelCheckpointCallback: save_last={save_last!r} is not a bool"
@@ -157,6 +162,12 @@ class ModelCheckpointCallback(Callback):
                 "letters, digits and '._=-', starting with a letter or digit and without '..', "
                 "e.g. prefix='fold1-' (or '' for none)"
             )
+        if not isinstance(asynchronous, bool):
+            raise ConfigurationTypeError(
+                f"ModelCheckpointCallback: asynchronous={asynchronous!r} is not a bool; pass "
+                "True to write the weights in the background, else False"
+            )
+        self.asynchronous = asynchronous
         self.metric = metric
         self.epochs = epochs
         self.every_n_epochs = every_n_epochs
@@ -180,6 +191,9 @@ class ModelCheckpointCallback(Callback):
         self.created: set[str] = set()
         self.last_iteration: int | None = None
         self._pending: dict[str, _Pending] = {}
+        # Saves of a tag asked again before their `checkpoint` event (asynchronous writes):
+        # those events find the newer request pending and leave it be.
+        self._superseded: dict[str, int] = {}
         self._value: float | None = None
 
     # ------------------------------------------------------------------ tags
@@ -286,6 +300,10 @@ class ModelCheckpointCallback(Callback):
     def on_checkpoint(self, *, checkpoint: Path, tag: str, kind: str) -> None:
         if kind != "weights":
             return
+        if self._superseded.get(tag):
+            self._superseded[tag] -= 1
+            self.created.add(tag)
+            return
         pending = self._pending.pop(tag, None)
         if pending is None:
             return
@@ -364,8 +382,14 @@ class ModelCheckpointCallback(Callback):
         self, saves: Mapping[str, tuple[Metadata, tuple[str, ...]]], iteration: int
     ) -> list[SaveCheckpoint]:
         for tag, (metadata, evict) in saves.items():
+            earlier = self._pending.get(tag)
+            if earlier is not None:
+                self._superseded[tag] = self._superseded.get(tag, 0) + 1
+                evict = tuple(dict.fromkeys((*earlier.evict, *evict)))
             self._pending[tag] = _Pending(iteration, metadata, evict)
-        return [SaveCheckpoint(tag, metadata) for tag, (metadata, _) in saves.items()]
+        return [
+            SaveCheckpoint(tag, metadata, self.asynchronous) for tag, (metadata, _) in saves.items()
+        ]
 
     def _evict(self, root: Path, tags: Iterable[str]) -> None:
         kept = {e.tag for e in self.top}
@@ -454,43 +478,5 @@ class ModelCheckpointCallback(Callback):
         }
         last = state.get("last_iteration")
         self.last_iteration = None if last is None else int(last)
+        self._superseded = {}
         self._value = None
-
-
-def _check_epochs(epochs: object) -> Container[int] | None:
-    """``epochs`` as the container membership is tested against (ranges kept, others frozen)."""
-    if epochs is None:
-        return None
-    if isinstance(epochs, str | bytes) or not isinstance(epochs, Container):
-        raise ConfigurationError(
-            f"ModelCheckpointCallback: epochs={epochs!r} is not a collection of epoch numbers; "
-            "pass e.g. epochs=range(1, 100, 10) or epochs={0, 5} (0-based current_epoch), "
-            "or None"
-        )
-    if isinstance(epochs, range):
-        if not epochs:
-            raise ConfigurationError(
-                f"ModelCheckpointCallback: epochs={epochs!r} is empty; pass None to keep no "
-                "epoch checkpoints"
-            )
-        if min(epochs[0], epochs[-1]) < 0:
-            raise ConfigurationError(
-                f"ModelCheckpointCallback: epochs={epochs!r} holds negative epochs; epochs are "
-                "0-based (state.current_epoch)"
-            )
-        return epochs
-    if not isinstance(epochs, Collection):
-        return epochs  # membership only, e.g. a user-defined container of epochs
-    items = list(epochs)
-    bad = [e for e in items if isinstance(e, bool) or not isinstance(e, int) or e < 0]
-    if bad:
-        raise ConfigurationError(
-            f"ModelCheckpointCallback: epochs={epochs!r} holds {bad[0]!r}, which is not an epoch "
-            "number; pass ints >= 0 (0-based current_epoch), e.g. epochs={0, 5}"
-        )
-    if not items:
-        raise ConfigurationError(
-            f"ModelCheckpointCallback: epochs={epochs!r} is empty; pass None to keep no epoch "
-            "checkpoints"
-        )
-    return frozenset(items)

@@ -27,6 +27,14 @@ class TrainingCheckpointCallback(Callback):
     - ``keep``: how many of its training states to keep (default 2). Older ones are deleted
       only after a newer one is committed; the state a run resumed from is never deleted by
       it, nor are the states of another TrainingCheckpointCallback in the same MAPS.
+    - ``asynchronous``: write in the background (default False). The step waits only for a
+      copy of the weights and optimizer and scaler states in host memory (one more copy of
+      them in memory while it is written); the files, fsyncs, manifest, commit and ``latest``
+      follow on a writer thread, one state at a time. Its ``checkpoint`` event, and the
+      rotation it triggers, come at the next save, the end of the epoch or of training after
+      the commit; a failed write is raised there and ends training. Every write is finished
+      before ``train()`` returns, and a stop signal's state is written synchronously after
+      it. Single-process runs only: under torchrun states are written synchronously.
 
     A training state holds the weights, optimizer, scaler and scheduler states, every random
     generator, the loader position, the counters and every callback's ``state_dict``; it is
@@ -49,6 +57,7 @@ class TrainingCheckpointCallback(Callback):
         *,
         save_on_train_end: bool = True,
         keep: int = 2,
+        asynchronous: bool = False,
     ) -> None:
         for name, value in (
             ("every_n_epochs", every_n_epochs),
@@ -72,6 +81,11 @@ class TrainingCheckpointCallback(Callback):
                 f"TrainingCheckpointCallback: save_on_train_end={save_on_train_end!r} is not "
                 "a bool; pass True to save a training state when training ends, else False"
             )
+        if not isinstance(asynchronous, bool):
+            raise ConfigurationTypeError(
+                f"TrainingCheckpointCallback: asynchronous={asynchronous!r} is not a bool; pass "
+                "True to write training states in the background, else False"
+            )
         if every_n_epochs is None and every_n_steps is None and not save_on_train_end:
             raise ConfigurationError(
                 "TrainingCheckpointCallback would never save: every_n_epochs, every_n_steps "
@@ -82,6 +96,7 @@ class TrainingCheckpointCallback(Callback):
         self.every_n_steps = every_n_steps
         self.save_on_train_end = save_on_train_end
         self.keep = keep
+        self.asynchronous = asynchronous
         self._clear_run()
 
     def reset(self) -> None:
@@ -107,19 +122,21 @@ class TrainingCheckpointCallback(Callback):
         if step == self.last_step:
             return None  # with accumulation, several batches end at the same optimizer step
         self.last_step = step
-        return SaveTrainingState(f"optimizer step {step}")
+        return SaveTrainingState(f"optimizer step {step}", self.asynchronous)
 
     def on_epoch_end(self, *, state: TrainerState) -> SaveTrainingState | None:
         if self.every_n_epochs is None or state.epoch_number % self.every_n_epochs:
             return None
         self.last_boundary = state.iteration
-        return SaveTrainingState(f"end of epoch {state.epoch_number}/{state.max_epochs}")
+        return SaveTrainingState(
+            f"end of epoch {state.epoch_number}/{state.max_epochs}", self.asynchronous
+        )
 
     def on_train_end(self, *, state: TrainerState) -> SaveTrainingState | None:
         if not self.save_on_train_end or self.last_boundary == state.iteration:
             return None
         self.last_boundary = state.iteration
-        return SaveTrainingState("end of training")
+        return SaveTrainingState("end of training", self.asynchronous)
 
     def on_resume(self, *, checkpoint: Path) -> None:
         self._resumed_from = checkpoint
