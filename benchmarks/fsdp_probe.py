@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node=2 benchmarks/fsdp_probe.py            # gloo on the CPU
     torchrun --nproc-per-node=2 benchmarks/fsdp_probe.py --device cuda
+    python benchmarks/fsdp_probe.py                                  # starts torchrun itself
 
 A tiny MLP is sharded with ``fully_shard``, trained 3 steps with gradient clipping, saved
 with ``dcp.save`` and ``dcp.async_save``, loaded back into a freshly sharded model and
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,10 +103,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl)")
     parser.add_argument("--directory", type=Path, default=None, help="where to save (a temp dir)")
+    parser.add_argument("--quick", action="store_true", help="the same checks (they are quick)")
     options = parser.parse_args()
     if "RANK" not in os.environ:
-        print("run under torchrun: torchrun --nproc-per-node=2 benchmarks/fsdp_probe.py")
-        return 2
+        # Started by hand (or by the benchmarks' smoke test): two processes under torchrun.
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += ["--nproc-per-node=2", __file__, *sys.argv[1:]]
+        return subprocess.run(command, check=False).returncode
     cuda = options.device == "cuda"
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
