@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -112,3 +113,14 @@ def source_module(init: Path, name: str) -> Iterator[types.ModuleType]:
         for key in [key for key in sys.modules if key.startswith(name)]:
             del sys.modules[key]
         sys.modules.update(saved)
+
+
+def install_copy(package: Path, base: Path) -> Path:
+    """``package`` installed with pip into ``base/site``, from a copy (builds write in-tree)."""
+    source = base / "source"
+    shutil.copytree(
+        package, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    )
+    target = base / "site"
+    pip_install(target, source)
+    return target

@@ -10,7 +10,6 @@ process on the source module, loaded by path without touching ``sys.path``.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import types
 from collections.abc import Iterator
@@ -20,7 +19,6 @@ from typing import Any
 import pytest
 
 from tests import installing
-from tests.installing import pip_install
 from trainbus import Trainer, TrainerState
 from trainbus.errors import ConfigurationError, ConfigurationTypeError, TrainbusWarning
 
@@ -111,12 +109,7 @@ def artifact_files(client: Any, run_id: str, path: str) -> list[str]:
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The package installed with pip into a directory (from a copy: builds write in-tree)."""
     base = tmp_path_factory.mktemp("mlflow-plugin")
-    source = base / "source"
-    shutil.copytree(
-        PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
-    )
-    target = base / "site"
-    pip_install(target, source)
+    target = installing.install_copy(PACKAGE, base)
     assert (target / "trainbus_mlflow-0.1.0.dist-info" / "entry_points.txt").is_file()
     return target
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -27,7 +26,6 @@ from tensorboard.backend.event_processing.event_accumulator import (  # type: ig
 )
 
 from tests import installing
-from tests.installing import pip_install
 from trainbus import Trainer, TrainerState
 from trainbus.errors import ConfigurationError, ConfigurationTypeError
 
@@ -96,12 +94,7 @@ def same_points(written: list[tuple[int, float]], expected: list[tuple[int, floa
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The package installed with pip into a directory (from a copy: builds write in-tree)."""
     base = tmp_path_factory.mktemp("tensorboard-plugin")
-    source = base / "source"
-    shutil.copytree(
-        PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
-    )
-    target = base / "site"
-    pip_install(target, source)
+    target = installing.install_copy(PACKAGE, base)
     assert (target / "trainbus_tensorboard-0.1.0.dist-info" / "entry_points.txt").is_file()
     return target
 
