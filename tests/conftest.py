@@ -44,6 +44,18 @@ def make_model(seed: int = 0, lr: float = 0.05) -> SupervisedModel:
     )
 
 
+def rows_of(path: Path, column: str, stage: str | None = None) -> list[tuple[int, float]]:
+    """``(global_step, column)`` of a TSV file of the MAPS (of one stage for metrics.tsv)."""
+    lines = path.read_text().splitlines()
+    header = lines[0].split("\t")
+    rows = [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
+    return [
+        (int(row["global_step"]), float(row[column]))
+        for row in rows
+        if stage is None or row["stage"] == stage
+    ]
+
+
 class ValidationCounter(Callback):
     """Counts the validations it saw; its count is part of every training state."""
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests import installing
+from tests.conftest import rows_of
 from trainbus import Trainer, TrainerState
 from trainbus.errors import ConfigurationError, ConfigurationTypeError, TrainbusWarning
 
@@ -53,18 +54,6 @@ SUBSCRIBERS = sorted(
         "on_train_start",
     )
 )
-
-
-def rows_of(path: Path, column: str, stage: str | None = None) -> list[tuple[int, float]]:
-    """``(global_step, column)`` of a TSV file of the MAPS (of one stage for metrics.tsv)."""
-    lines = path.read_text().splitlines()
-    header = lines[0].split("\t")
-    rows = [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
-    return [
-        (int(row["global_step"]), float(row[column]))
-        for row in rows
-        if stage is None or row["stage"] == stage
-    ]
 
 
 def client_of(maps: Path) -> Any:

@@ -26,6 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import (  # type: ig
 )
 
 from tests import installing
+from tests.conftest import rows_of
 from trainbus import Trainer, TrainerState
 from trainbus.errors import ConfigurationError, ConfigurationTypeError
 
@@ -65,18 +66,6 @@ def tags(directory: Path) -> set[str]:
 def live_writers() -> int:
     """Event-file writer threads still running (a writer that is not closed keeps one)."""
     return sum(type(t).__name__ == "_AsyncWriterThread" for t in threading.enumerate())
-
-
-def rows_of(path: Path, column: str, stage: str | None = None) -> list[tuple[int, float]]:
-    """``(global_step, column)`` of a TSV file of the MAPS (of one stage for metrics.tsv)."""
-    lines = path.read_text().splitlines()
-    header = lines[0].split("\t")
-    rows = [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
-    return [
-        (int(row["global_step"]), float(row[column]))
-        for row in rows
-        if stage is None or row["stage"] == stage
-    ]
 
 
 def same_points(written: list[tuple[int, float]], expected: list[tuple[int, float]]) -> bool:
