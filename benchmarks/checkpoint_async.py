@@ -1,7 +1,8 @@
 """Step time around a training-state save: asynchronous=True against blocking saves.
 
 A model of a few large Linear layers (over 200 MB of float32 parameters by default) trains on
-the CPU; a TrainingCheckpointCallback writes a training state every N steps. Blocking and
+the CPU (``--device cuda``: on the GPU, the host copy then a device-to-host transfer); a
+TrainingCheckpointCallback writes a training state every N steps. Blocking and
 asynchronous runs alternate in this process (the same machine, the same disk), and the
 table gives, per mode, the median time of an ordinary step, of a step that saves (from the
 end of the step before to the end of the saving step's boundary), and the waits for a
@@ -43,7 +44,14 @@ def build(width: int, layers: int) -> SupervisedModel:
 
 
 def run(
-    root: Path, *, asynchronous: bool, width: int, layers: int, steps: int, every: int
+    root: Path,
+    *,
+    asynchronous: bool,
+    width: int,
+    layers: int,
+    steps: int,
+    every: int,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """One training run; the step times split into saving and ordinary steps (milliseconds)."""
     inputs = torch.randn(steps * 4, width)
@@ -53,7 +61,12 @@ def run(
         None, every, save_on_train_end=False, keep=1, asynchronous=asynchronous
     )
     trainer = Trainer(
-        root, build(width, layers), callbacks=[saver, clock], default_callbacks=False, max_epochs=1
+        root,
+        build(width, layers),
+        callbacks=[saver, clock],
+        default_callbacks=False,
+        max_epochs=1,
+        device=device,
     )
     started = time.perf_counter()
     trainer.train(loader)
@@ -82,6 +95,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="a training state every N steps")
     parser.add_argument("--rounds", type=int, default=2, help="blocking/asynchronous pairs")
     parser.add_argument("--directory", help="where the MAPS go (default: a temporary folder)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the model trains there)")
     options = parser.parse_args()
     if options.quick:
         options.width, options.layers, options.steps, options.every, options.rounds = (
@@ -96,7 +110,7 @@ def main() -> None:
         f"checkpoint_async: {parameters * 4 / 1e6:.2f} MB of float32 parameters "
         f"({options.layers} x Linear({options.width}, {options.width})), SGD, a training state "
         f"every {options.every} steps, {options.steps} steps, {options.rounds} round(s), "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {options.device}"
     )
     results: dict[str, list[dict[str, float]]] = {"blocking": [], "asynchronous": []}
     with tempfile.TemporaryDirectory(dir=options.directory) as scratch:
@@ -113,6 +127,7 @@ def main() -> None:
                         layers=options.layers,
                         steps=options.steps,
                         every=options.every,
+                        device=options.device,
                     )
                 )
     columns = ("step ms", 9), ("save step ms", 13), ("overhead ms", 12), ("run s", 7)

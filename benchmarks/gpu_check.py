@@ -12,7 +12,10 @@ script cannot rot). Reports:
 - NVML readings through the MonitorCallback (memory used, utilisation), and the time one
   NVML reading takes;
 - one data-parallel training of ``examples/data_parallel.py`` under ``torchrun`` with one
-  process (nccl on the GPU, gloo on the CPU), with its exit status and summary line.
+  process (nccl on the GPU, gloo on the CPU), with its exit status and summary line, and the
+  same with ``--strategy fsdp`` (FSDP2 over every GPU of the machine);
+- ``benchmarks/checkpoint_async.py`` on the device: the step time around a training-state
+  save, blocking against ``asynchronous=True``.
 """
 
 from __future__ import annotations
@@ -193,11 +196,13 @@ def main() -> None:
     seconds = nvml_read_seconds()
     if seconds is not None:
         print(f"nvml: one memory + utilisation reading {seconds * 1e6:.1f} us")
-    torchrun_check()
+    torchrun_check("ddp", processes=1)
+    torchrun_check("fsdp", processes=max(torch.cuda.device_count(), 1) if cuda else 2)
+    asynchronous_check(device, arguments.quick)
 
 
-def torchrun_check() -> None:
-    """Train the data-parallel example under torchrun with one process; print its outcome."""
+def torchrun_check(strategy: str, processes: int) -> None:
+    """Train the data-parallel example under torchrun with ``strategy``; print its outcome."""
     example = Path(__file__).resolve().parents[1] / "examples" / "data_parallel.py"
     with tempfile.TemporaryDirectory() as scratch:
         command = [
@@ -205,20 +210,33 @@ def torchrun_check() -> None:
             "-m",
             "torch.distributed.run",
             "--standalone",
-            "--nproc-per-node=1",
+            f"--nproc-per-node={processes}",
             str(example),
             str(Path(scratch) / "maps"),
             "--epochs",
             "2",
+            "--strategy",
+            strategy,
         ]
         started = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
         seconds = time.perf_counter() - started
     summary = [line for line in result.stdout.splitlines() if line.startswith("rank ")]
     print(
-        f"torchrun: exit status {result.returncode} in {seconds:.1f} s; "
+        f"torchrun ({strategy}, {processes} processes): exit status {result.returncode} in "
+        f"{seconds:.1f} s; "
         + (summary[-1] if summary else "no summary line: " + result.stderr[-500:])
     )
+
+
+def asynchronous_check(device: torch.device, quick: bool) -> None:
+    """Run the asynchronous-checkpoint benchmark on ``device``; print its table."""
+    script = Path(__file__).with_name("checkpoint_async.py")
+    command = [sys.executable, str(script), "--device", device.type]
+    command += ["--quick"] if quick else ["--steps", "30", "--every", "10", "--rounds", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    print(f"asynchronous checkpoints ({device.type}): exit status {result.returncode}")
+    print(result.stdout.rstrip() if result.returncode == 0 else result.stderr[-1500:])
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
     python examples/data_parallel.py runs/data-parallel
     torchrun --nproc-per-node=2 examples/data_parallel.py runs/data-parallel-2
+    torchrun --nproc-per-node=2 examples/data_parallel.py runs/sharded --strategy fsdp
 
 Each rank trains on its share of every epoch (a DistributedSampler is put in the loader for
 you); rank 0 writes the MAPS and prints; the metrics are those of the whole validation set.
 Run it again after an interruption to resume (resume=True starts afresh if there is no MAPS).
+``--strategy fsdp`` shards the parameters over the ranks instead of replicating them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("maps", help="the experiment directory")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"])
     options = parser.parse_args()
 
     # Before building the model: every rank draws the same initial weights, run after run.
@@ -43,7 +46,14 @@ def main() -> None:
     scheduler = LRSchedulerCallback(
         functools.partial(torch.optim.lr_scheduler.StepLR, step_size=2, gamma=0.5)
     )
-    trainer = Trainer(options.maps, model, callbacks=[scheduler], max_epochs=options.epochs, seed=0)
+    trainer = Trainer(
+        options.maps,
+        model,
+        callbacks=[scheduler],
+        max_epochs=options.epochs,
+        seed=0,
+        strategy=options.strategy,
+    )
 
     @trainer.on("train_end", rank_zero_only=True)
     def summary(*, state: TrainerState) -> None:
@@ -52,7 +62,7 @@ def main() -> None:
         print(
             f"rank {state.rank} of {state.world_size}: {state.global_step} steps, "
             f"{state.samples_seen} samples, validation loss {state.metrics['loss']:.4f} "
-            f"(process group: {backend}, device: {trainer.device})"
+            f"(process group: {backend}, device: {trainer.device}, strategy: {options.strategy})"
         )
 
     train = DataLoader(blobs(512, seed=1), batch_size=32, shuffle=True)

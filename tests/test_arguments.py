@@ -356,6 +356,12 @@ TRAINER: dict[str, list[Bad]] = {
         wrong_type(5),
         wrong_value({5: True}),
     ],
+    "strategy": [
+        wrong_type(2),
+        wrong_type(None),
+        wrong_value("zero"),
+        wrong_value("FSDP"),
+    ],
     "block": [
         wrong_type("tensorboard"),
         wrong_type(1),

@@ -67,7 +67,14 @@ def test_compare_keeps_the_whole_fit_mode() -> None:
 
 def test_gpu_check_trains_under_torchrun_with_a_process_group() -> None:
     result = run_quick("gpu_check.py")
-    last = result.stdout.splitlines()[-1]
+    lines = result.stdout.splitlines()
     # Without CUDA: gloo on the CPU (the device machine prints nccl and cuda:0).
-    assert last.startswith("torchrun: exit status 0 in "), result.stdout
-    assert "rank 0 of 1: " in last and "(process group: gloo, device: cpu)" in last
+    ddp = next(line for line in lines if line.startswith("torchrun (ddp, 1 processes)"))
+    assert "exit status 0 in " in ddp, result.stdout
+    assert "rank 0 of 1: " in ddp and "(process group: gloo, device: cpu, strategy: ddp)" in ddp
+    fsdp = next(line for line in lines if line.startswith("torchrun (fsdp, 2 processes)"))
+    assert "exit status 0 in " in fsdp and "rank 0 of 2: " in fsdp, result.stdout
+    assert "strategy: fsdp)" in fsdp
+    # The asynchronous-checkpoint benchmark ran on the device and printed its table.
+    assert "asynchronous checkpoints (cpu): exit status 0" in result.stdout
+    assert any(line.startswith("asynchronous ") and "." in line for line in lines[-3:])

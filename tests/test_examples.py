@@ -81,26 +81,34 @@ def test_data_parallel_runs_alone_and_under_torchrun_with_the_same_samples(
     environment = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     }
-    parallel = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            str(EXAMPLES / "data_parallel.py"),
-            "runs/parallel",
-        ],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert parallel.returncode == 0, parallel.stderr[-4000:]
-    # Half the steps on each of 2 ranks, the same samples; printed once, by rank 0.
-    assert parallel.stdout.count("rank 0 of 2: 32 steps, 2048 samples") == 1
-    assert "rank 1" not in parallel.stdout
-    maps = tmp_path / "runs" / "parallel"
-    assert (maps / "metrics.tsv").read_text().count("\n") == 4 + 1
+    losses = {}
+    for strategy in ("ddp", "fsdp"):
+        parallel = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node=2",
+                str(EXAMPLES / "data_parallel.py"),
+                f"runs/{strategy}",
+                "--strategy",
+                strategy,
+            ],
+            cwd=tmp_path,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        assert parallel.returncode == 0, parallel.stderr[-4000:]
+        # Half the steps on each of 2 ranks, the same samples; printed once, by rank 0.
+        assert parallel.stdout.count("rank 0 of 2: 32 steps, 2048 samples") == 1
+        assert "rank 1" not in parallel.stdout
+        maps = tmp_path / "runs" / strategy
+        rows = (maps / "metrics.tsv").read_text().splitlines()
+        assert len(rows) == 4 + 1
+        losses[strategy] = float(parallel.stdout.split("validation loss ")[1].split()[0])
+    # The same maths replicated or sharded, the StepLR schedule included.
+    assert losses["fsdp"] == pytest.approx(losses["ddp"], abs=1e-4)

@@ -33,6 +33,7 @@ from trainbus.engine.metrics import BoundMetric, MetricSpec, bind_metrics
 from trainbus.engine.model import Model
 from trainbus.engine.saving import Saver
 from trainbus.engine.settings import LoopSettings, loop_settings, positive_int, recorded_settings
+from trainbus.engine.sharding import check_strategy
 from trainbus.engine.state import TrainerState
 from trainbus.engine.training import run_training
 from trainbus.engine.weights import load_weights
@@ -106,6 +107,11 @@ class Trainer(Subscribing):
       ``TRAINBUS_DISABLE_PLUGIN_AUTOLOAD=1``), ``False``, or the names to load; ``block``:
       names never to load (checked before import). ``TRAINBUS_PLUGINS=a,b`` in the
       environment is an allow list. See :mod:`trainbus.events.plugins`.
+    - ``strategy`` under ``torchrun``: ``"ddp"`` replicates the model on every rank
+      (``DistributedDataParallel``); ``"fsdp"`` shards its parameters, gradients and
+      optimizer states over the ranks (FSDP2's ``fully_shard``; units chosen by
+      :meth:`~trainbus.Model.shard`), with training states saved as Distributed Checkpoints;
+      ``"auto"`` (default) is ``"ddp"``. In one process both train the whole model.
     - ``ddp_options``: keyword arguments for ``DistributedDataParallel`` in a run launched by
       ``torchrun`` (e.g. ``{"find_unused_parameters": True}``); see
       :mod:`trainbus.engine.distributed`.
@@ -145,6 +151,7 @@ class Trainer(Subscribing):
         plugins: Literal["auto"] | Sequence[str] | bool = "auto",
         block: Sequence[str] = (),
         ddp_options: Mapping[str, Any] | None = None,
+        strategy: Literal["auto", "ddp", "fsdp"] = "auto",
     ) -> None:
         if not isinstance(model, Model):
             raise ConfigurationTypeError(
@@ -173,6 +180,13 @@ class Trainer(Subscribing):
         placement = dist_tools.detect_placement()
         resolved_device = resolve_device(dist_tools.device_for(placement, device))
         resolved_precision = resolve_precision(precision, resolved_device)
+        chosen_strategy = check_strategy(strategy, resolved_precision.name)
+        if chosen_strategy == "fsdp" and ddp_options:
+            raise ConfigurationError(
+                f"ddp_options={ddp_options!r} apply to DistributedDataParallel, but "
+                "strategy='fsdp' shards the model with fully_shard; drop ddp_options or use "
+                "strategy='ddp'"
+            )
         if not isinstance(overwrite, bool):
             raise ConfigurationTypeError(
                 f"overwrite={overwrite!r} is not a bool; pass overwrite=True to replace an "
@@ -217,6 +231,7 @@ class Trainer(Subscribing):
             plugins=plugin_records,
             defaults_kept=[t.__name__ for t in kept_defaults(default_callbacks)],
             ddp_options=dist_tools.ddp_arguments(ddp_options),
+            strategy=chosen_strategy,
         )
         self._saver = Saver(self._engine)
         self._loop = TrainingLoop(self._engine, self._saver.at_boundary)

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from trainbus import (
     Callback,
     EarlyStoppingCallback,
+    ModelCheckpointCallback,
     SkipStep,
     Stop,
     SupervisedModel,
@@ -32,7 +33,7 @@ from trainbus import (
     TrainerState,
     TrainingCheckpointCallback,
 )
-from trainbus.engine import distributed
+from trainbus.engine import distributed, sharding
 
 
 def arguments() -> argparse.Namespace:
@@ -61,6 +62,11 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--rank-seeds", action="store_true", help="a different RNG per rank")
     parser.add_argument("--step-seconds", type=float, default=0.0, help="slow each step down")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--strategy", default="auto", help="auto, ddp or fsdp")
+    parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val")
+    parser.add_argument("--precision", default="32")
+    parser.add_argument("--asynchronous", action="store_true", help="asynchronous saves")
+    parser.add_argument("--best-weights", action="store_true", help="ModelCheckpointCallback")
     return parser.parse_args()
 
 
@@ -193,6 +199,14 @@ def summary_of(state: TrainerState) -> dict[str, Any]:
     }
 
 
+def param_dtype(trainer: Trainer) -> str | None:
+    """The dtype FSDP gathers the parameters in (None when the model is not sharded)."""
+    root = trainer._engine.sharded
+    if root is None:
+        return None
+    return str(root._get_fsdp_state()._mp_policy.param_dtype)  # type: ignore[operator]
+
+
 def main() -> None:
     options = arguments()
     writes = audit_writes(options.maps) if options.audit_writes else None
@@ -208,8 +222,12 @@ def main() -> None:
     distributed.ProcessGroup.agree = counted  # type: ignore[method-assign]
 
     callbacks: list[Callback] = [
-        TrainingCheckpointCallback(every_n_steps=options.every_n_steps, keep=100)
+        TrainingCheckpointCallback(
+            every_n_steps=options.every_n_steps, keep=100, asynchronous=options.asynchronous
+        )
     ]
+    if options.best_weights:
+        callbacks.append(ModelCheckpointCallback("loss", asynchronous=options.asynchronous))
     if options.stop_rank is not None or options.skip_rank is not None:
         callbacks.append(OneRankDecides(options))
     if options.crash_rank is not None:
@@ -229,6 +247,9 @@ def main() -> None:
         log_every_n_batches=options.log_every,
         seed=7,
         plugins=False,
+        strategy=options.strategy,
+        gradient_clip_val=options.clip,
+        precision=options.precision,
     )
     if options.rank_seeds:
         # Each rank draws its own dropout masks: an exact resume must restore every rank's.
@@ -247,7 +268,13 @@ def main() -> None:
     options.out.mkdir(parents=True, exist_ok=True)
     if writes is not None:
         (options.out / f"writes{rank}.json").write_text(json.dumps(writes, indent=2))
-    torch.save(trainer.model.state_dict(), options.out / f"rank{rank}.pt")
+    if options.strategy == "fsdp" and trainer.placement.distributed:
+        # Sharded parameters: the full weights are gathered (every rank takes part) on rank 0.
+        weights = sharding.full_weights(trainer.model)
+        if rank == 0:
+            torch.save(weights, options.out / "rank0.pt")
+    else:
+        torch.save(trainer.model.state_dict(), options.out / f"rank{rank}.pt")
     summary = {
         **summary_of(state),
         "test_metrics": test_metrics,
@@ -255,6 +282,7 @@ def main() -> None:
         "agreements": agreements[0],
         "restart_count": trainer.placement.restart_count,  # as the ranks agreed on it
         "group_initialised": torch.distributed.is_initialized(),
+        "param_dtype": param_dtype(trainer),
     }
     (options.out / f"rank{rank}.json").write_text(json.dumps(summary, indent=2))
 

@@ -6,6 +6,8 @@ running when training goes on (the write itself is the real one).
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import threading
@@ -21,6 +23,7 @@ from tests.conftest import make_loader, make_model
 from trainbus import (
     Callback,
     ModelCheckpointCallback,
+    MonitorCallback,
     Trainer,
     TrainerState,
     TrainingCheckpointCallback,
@@ -101,12 +104,17 @@ def writer_threads() -> list[threading.Thread]:
 
 
 def train_states(
-    maps: Path, *, asynchronous: bool, probe: Probe | None = None, **options: Any
+    maps: Path,
+    *,
+    asynchronous: bool,
+    probe: Probe | None = None,
+    extra: list[Callback] | None = None,
+    **options: Any,
 ) -> Trainer:
     callback = TrainingCheckpointCallback(
         every_n_epochs=None, every_n_steps=2, keep=2, asynchronous=asynchronous
     )
-    callbacks: list[Callback] = [callback] + ([probe] if probe else [])
+    callbacks: list[Callback] = [callback] + ([probe] if probe else []) + (extra or [])
     trainer = Trainer(maps, make_model(), callbacks=callbacks, default_callbacks=False, **options)
     trainer.train(make_loader(shuffle=True))
     return trainer
@@ -171,6 +179,36 @@ def test_a_save_asked_while_the_previous_is_written_waits_and_the_wait_is_counte
     fsyncs.clear()
     synchronous = train_states(tmp_path / "sync", asynchronous=False, max_epochs=1)
     assert synchronous._saver.background.waits == 0
+
+
+def test_the_monitor_reports_the_saves_that_waited_for_the_previous_write(
+    tmp_path: Path, fsyncs: list[Callable[[Path], None]]
+) -> None:
+    fsyncs.append(lambda path: time.sleep(0.3))  # far longer than the 2 steps to the next
+    payloads: list[float] = []
+
+    class Waits(Callback):
+        def on_checkpoint(self, *, waited: float) -> None:
+            payloads.append(waited)
+
+    table = io.StringIO()
+    trainer = train_states(
+        tmp_path / "maps",
+        asynchronous=True,
+        probe=None,
+        extra=[Waits(), MonitorCallback(stream=table)],
+        max_epochs=1,
+    )
+    writer = trainer._saver.background
+    assert writer.waits >= 1
+    # The save that waited says so in its `checkpoint` event, the others carry 0.0.
+    assert sum(1 for w in payloads if w > 0) == writer.waits
+    assert sum(payloads) == pytest.approx(writer.wait_seconds)
+    report = json.loads((tmp_path / "maps" / "monitor.json").read_text())
+    assert report["checkpoint_waits"]["count"] == writer.waits
+    assert report["checkpoint_waits"]["seconds"] == pytest.approx(writer.wait_seconds, abs=1e-5)
+    assert f"{writer.waits} waited" in table.getvalue()
+    assert "for the previous background write" in table.getvalue()
 
 
 def test_a_stop_signal_finishes_the_background_write_then_writes_its_own_state(

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from trainbus import Trainer, TrainingCheckpointCallback
 from trainbus.cli import main
 from trainbus.engine import checkpoint, distributed
 from trainbus.engine.maps import Maps
-from trainbus.errors import CheckpointError, ConfigurationError, TrainbusWarning
+from trainbus.errors import ConfigurationError, TrainbusWarning
 
 from .distributed_job import build_model, loader
 
@@ -170,6 +172,16 @@ STOP_AND_SKIP = (
 )
 
 
+EXACT_OPTIONS = (
+    *COMMON, "--shuffle", "--dropout", "0.3", "--rank-seeds", "--every-n-steps", "3",
+)  # fmt: skip
+
+
+def crashed_run(runs: dict[str, Run], scratch: Path) -> Run:
+    crash = ("--crash-rank", "1", "--crash-at-iteration", "11")
+    return shared(runs, "crashed", scratch, *EXACT_OPTIONS, *crash, max_restarts=1)
+
+
 # --------------------------------------------------------------------------- the tests
 @pytest.mark.slow
 def test_two_ranks_end_with_the_weights_of_one_process_with_the_same_global_batch(
@@ -267,19 +279,8 @@ def test_a_skip_and_a_stop_asked_on_one_rank_happen_on_both_at_the_same_step(
 def test_a_crashed_worker_is_restarted_by_torchrun_and_resumes_exactly(
     runs: dict[str, Run], scratch: Path
 ) -> None:
-    options = (*COMMON, "--shuffle", "--dropout", "0.3", "--rank-seeds", "--every-n-steps", "3")
-    straight = shared(runs, "straight", scratch, *options)
-    crashed = shared(
-        runs,
-        "crashed",
-        scratch,
-        *options,
-        "--crash-rank",
-        "1",
-        "--crash-at-iteration",
-        "11",
-        max_restarts=1,
-    )
+    straight = shared(runs, "straight", scratch, *EXACT_OPTIONS)
+    crashed = crashed_run(runs, scratch)
     assert crashed.summary(0)["restart_count"] == crashed.summary(1)["restart_count"] == 1
     assert straight.summary(0)["restart_count"] == 0
     assert_equal_weights(crashed.weights(0), crashed.weights(1))
@@ -295,7 +296,7 @@ def test_a_crashed_worker_is_restarted_by_torchrun_and_resumes_exactly(
 @pytest.mark.slow
 @pytest.mark.fault(
     "Resume a 2-process training state with another number of processes",
-    outcome="refused in the middle of an epoch (nothing changed), a warning at an epoch end",
+    outcome="a warning; a state from the middle of an epoch restarts that epoch",
 )
 def test_resuming_with_another_world_size_warns_at_an_epoch_end(
     runs: dict[str, Run], scratch: Path, tmp_path: Path
@@ -314,21 +315,40 @@ def test_resuming_with_another_world_size_warns_at_an_epoch_end(
 @pytest.mark.slow
 @pytest.mark.fault(
     "Resume a 2-process training state with another number of processes",
-    outcome="refused in the middle of an epoch (nothing changed), a warning at an epoch end",
+    outcome="a warning; a state from the middle of an epoch restarts that epoch",
 )
-def test_resuming_with_another_world_size_mid_epoch_is_refused(
+def test_resuming_with_another_world_size_mid_epoch_restarts_the_epoch(
     runs: dict[str, Run], scratch: Path, tmp_path: Path
 ) -> None:
-    run = shared(runs, "stop-and-skip", scratch, *STOP_AND_SKIP)
+    resume_alone_from_iteration_9(crashed_run(runs, scratch), tmp_path)
+
+
+def resume_alone_from_iteration_9(run: Run, tmp_path: Path) -> Path:
+    """Resume a copy of ``run`` (2 processes) in this one, from its mid-epoch state 9."""
     copy = tmp_path / "maps"
     subprocess.run(["cp", "-a", str(run.maps), str(copy)], check=True)
-    before = sorted(p.name for p in (copy / "training").iterdir())
-    trainer = Trainer.from_maps(copy, build_model(0.0), callbacks=[TrainingCheckpointCallback()])
-    with pytest.raises(
-        CheckpointError, match=r"written by 2 process\(es\) in the middle of an epoch"
-    ):
-        trainer.train(loader(128, 16, shuffle=False, seed=1))
-    assert sorted(p.name for p in (copy / "training").iterdir()) == before
+    # As if the run had been killed for good after its state of iteration 9 (batch 1 of 8
+    # of the second epoch): the later states go.
+    for state in (copy / "training").iterdir():
+        if state.name > "state-0000000009":
+            subprocess.run(["rm", "-rf", str(state)], check=True)
+    trainer = Trainer.from_maps(
+        copy, build_model(0.3), callbacks=[TrainingCheckpointCallback(every_n_steps=3, keep=100)]
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TrainbusWarning)
+        state = trainer.train(loader(128, 16, shuffle=True, seed=1))
+    messages = [str(w.message) for w in caught]
+    assert any(
+        re.search(r"written by 2 process\(es\), with 1.*batch 1 of epoch 2.*starts again", m)
+        for m in messages
+    ), messages
+    # The second epoch starts again from its first batch (8 of 16 samples), then the third.
+    assert (state.world_size, state.current_epoch) == (1, 2)  # 0-based: the third
+    assert (state.iteration, state.global_step) == (9 + 8 + 8, 9 + 16)
+    recorded = json.loads((copy / "maps.json").read_text())
+    assert recorded["calls"][-1]["resumed_from"]["state"] == "state-0000000009"
+    return copy
 
 
 # ------------------------------------------------------------- placement, plan and data
@@ -484,11 +504,15 @@ def test_subscribers_that_may_command_are_known_per_event() -> None:
     assert bus.may_command("epoch_end")  # unannotated: it may
 
 
-def test_a_model_is_wrapped_so_that_ddp_sees_forward_step() -> None:
+def test_a_model_is_wrapped_so_that_ddp_and_fsdp_see_its_steps() -> None:
     model = build_model(0.0)
-    wrapper = distributed._TrainingForward(model)
+    wrapper = distributed.Routed(model)
     batch = (torch.randn(4, 6), torch.tensor([0, 1, 0, 1]))
     assert torch.equal(wrapper(batch), model.forward_step(batch))
+    for step in ("evaluation_step", "predict_step"):
+        routed, direct = wrapper(batch, step=step), getattr(model, step)(batch)
+        assert routed.keys() == direct.keys()
+        assert all(torch.equal(routed[k], direct[k]) for k in direct)
     shared_parameters = zip(wrapper.parameters(), model.parameters(), strict=True)
     assert all(p is q for p, q in shared_parameters)
     assert isinstance(wrapper.model, nn.Module)

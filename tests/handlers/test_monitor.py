@@ -606,6 +606,7 @@ def test_a_state_without_monitor_data_starts_afresh() -> None:
         "resumes": 0,
         "subscribers": [],
         "outside_checkpoints": {"count": 0, "seconds": 0.0},
+        "checkpoint_waits": [0, 0.0],
     }
 
 

@@ -9,16 +9,21 @@ committed (:meth:`BackgroundWriter.collect`) and announces it there.
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
+
+from trainbus.errors import TrainbusError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +33,10 @@ class Write:
     run: Callable[[], Path]
     tag: str
     kind: str
+    everywhere: bool = False
+    """Run on every rank under torchrun (a sharded state's shards); else on rank 0 alone."""
+    waited: float = 0.0
+    """Seconds this save waited for the previous background write before it began."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +46,7 @@ class Written:
     checkpoint: Path
     tag: str
     kind: str
+    waited: float = 0.0
 
 
 @dataclass(slots=True)
@@ -60,6 +70,8 @@ class BackgroundWriter:
         self._outcome = Finished()
         self.waits = 0
         self.wait_seconds = 0.0
+        self.last_wait = 0.0
+        """Seconds the last counted collect waited (0.0 when the job had ended already)."""
 
     @property
     def finished(self) -> bool:
@@ -87,17 +99,60 @@ class BackgroundWriter:
         ``counted``: a wait here is one of :attr:`waits` (a new save waiting for this one).
         """
         thread = self._thread
+        if counted:
+            self.last_wait = 0.0
         if thread is None or (thread.is_alive() and not wait):
             return None
         if thread.is_alive():
             started = time.perf_counter()
             thread.join()
             if counted:
+                self.last_wait = time.perf_counter() - started
                 self.waits += 1
-                self.wait_seconds += time.perf_counter() - started
+                self.wait_seconds += self.last_wait
         thread.join()  # already ended: orders the thread's writes before the reads below
         self._thread = None
         return self._outcome
+
+
+class Group(Protocol):
+    """What :func:`collected_everywhere` needs of a process group."""
+
+    def all_true(self, flag: bool) -> bool: ...
+
+    def on_main(self, action: Callable[[], T]) -> T: ...
+
+
+def collected_everywhere(group: Group, local: Finished | None) -> Finished | None:
+    """Rank 0's outcome of a background job on every rank; a failure on any rank fails all.
+
+    Every rank calls it at the same point (a save asked, a flush), after collecting its own
+    job: the ranks then emit the same ``checkpoint`` events and raise together.
+    """
+    succeeded = group.all_true(local is None or local.error is None)
+    shared = group.on_main(lambda: None if local is None else _portable(local))
+    if succeeded:
+        return shared
+    error = local.error if local is not None and local.error is not None else None
+    if shared is not None and shared.error is not None:
+        error = shared.error
+    if error is None:
+        error = TrainbusError(
+            "a background checkpoint write failed on another rank (its log has the error); "
+            "the previous checkpoints are intact"
+        )
+    return Finished(shared.written if shared is not None else [], error)
+
+
+def _portable(outcome: Finished) -> Finished:
+    """``outcome`` with an error that can be sent to the other ranks (pickled)."""
+    error = outcome.error
+    if error is not None:
+        try:
+            pickle.dumps(error)
+        except Exception:  # an error that cannot be pickled goes as its text
+            error = TrainbusError(f"{type(error).__name__} on rank 0: {error}")
+    return Finished(list(outcome.written), error)
 
 
 def _run(writes: tuple[Write, ...], outcome: Finished) -> None:
@@ -107,7 +162,7 @@ def _run(writes: tuple[Write, ...], outcome: Finished) -> None:
         except BaseException as exc:  # handed to the training thread, raised there
             outcome.error = exc
             return
-        outcome.written.append(Written(path, write.tag, write.kind))
+        outcome.written.append(Written(path, write.tag, write.kind, write.waited))
 
 
 def host_copy(value: Any) -> Any:

@@ -23,6 +23,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from trainbus.engine import sharding
 from trainbus.engine.files import create_directory
 from trainbus.engine.manifest import FORMAT_VERSION as FORMAT_VERSION
 from trainbus.engine.manifest import MANIFEST as MANIFEST
@@ -91,25 +92,26 @@ def write_checkpoint(
     *,
     kind: str,
     metadata: Mapping[str, Any],
+    staging: Path | None = None,
 ) -> Path:
     """Write files into a staging directory, add the manifest, and commit ``root/name`` by rename.
 
     Each writer writes one file; every file is fsynced and listed in the manifest (sha256 and
     size) before the rename makes the checkpoint visible. On failure nothing is left behind and
-    an older checkpoint of the same name is intact.
+    an older checkpoint of the same name is intact. ``staging`` (from
+    :func:`staging_directory`) may already hold files written by others (every rank's shard
+    of a sharded state): they are listed too.
     """
-    with contextlib.suppress(FileExistsError):
-        root.mkdir()
-    check_real_directory(root)
     target = root / check_name(name)
-    staging = create_directory(root, f"{_STAGING}{name}-")
+    staging = staging_directory(root, name) if staging is None else staging
     try:
-        digests = {}
         for filename, write in writers.items():
-            path = staging / check_name(filename)
-            write(path)
+            write(staging / check_name(filename))
+        # Every file, those written before (a sharded state's shards) included.
+        digests = {}
+        for path in sorted(staging.iterdir(), key=lambda p: p.name):
             _fsync_file(path)
-            digests[filename] = _digest(path)
+            digests[path.name] = _digest(path)
         manifest = {
             "format_version": FORMAT_VERSION,
             "kind": kind,
@@ -133,6 +135,17 @@ def write_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def staging_directory(root: Path, name: str) -> Path:
+    """A new, empty directory under ``root`` where checkpoint ``name`` is written before commit.
+
+    A process killed before the commit leaves it behind; :func:`recover_interrupted` removes it.
+    """
+    with contextlib.suppress(FileExistsError):
+        root.mkdir()
+    check_real_directory(root)
+    return create_directory(root, f"{_STAGING}{check_name(name)}-")
 
 
 def remove_checkpoint(directory: Path) -> None:
@@ -228,30 +241,30 @@ def training_state_name(iteration: int, *, epoch_end: bool) -> str:
 def save_training_state(
     maps: Maps,
     name: str,
-    model: nn.Module | Mapping[str, torch.Tensor],
+    model: nn.Module | Mapping[str, torch.Tensor] | None,
     *,
     tensors: Mapping[str, Any],
     document: Mapping[str, Any],
     metadata: Mapping[str, Any],
+    staging: Path | None = None,
 ) -> Path:
     """Commit a training state under ``training/<name>/``, then move ``training/latest`` to it.
 
     ``tensors`` (optimizers, scaler, random states, callback states) is written with
     ``torch.save`` and read back with ``weights_only=True`` only; ``document`` (counters,
-    positions, filter counters) as JSON; the weights as safetensors.
+    positions, filter counters) as JSON; the weights as safetensors. A sharded state passes
+    ``model=None`` and the ``staging`` directory where every rank wrote its shard of the
+    weights and optimizers (see :mod:`~trainbus.engine.sharding`).
     """
     root = maps.directory(TRAINING_DIR)
     text = json.dumps(dict(document), indent=2, default=str) + "\n"
+    writers: dict[str, Callable[[Path], None]] = {}
+    if model is not None:
+        writers[WEIGHTS] = lambda target: save_model_file(model, target)
+    writers[TRAINER_FILE] = lambda target: _torch_save(dict(tensors), target)
+    writers[STATE_FILE] = lambda target: _write_text(target, text)
     path = write_checkpoint(
-        root,
-        name,
-        {
-            WEIGHTS: lambda target: save_model_file(model, target),
-            TRAINER_FILE: lambda target: _torch_save(dict(tensors), target),
-            STATE_FILE: lambda target: _write_text(target, text),
-        },
-        kind="training",
-        metadata=metadata,
+        root, name, writers, kind="training", metadata=metadata, staging=staging
     )
     try:
         maps.write_bytes(f"{name}\n".encode(), TRAINING_DIR, LATEST)
@@ -331,14 +344,22 @@ def _check_contents(path: Path) -> None:
     The weights' header is parsed and the torch file is memory-mapped (its pickle read, its
     tensors not): a resume then passes over a manifest-consistent forgery instead of failing.
     """
-    weights = path / WEIGHTS
-    try:
-        with safetensors.safe_open(str(weights), framework="pt") as opened:
-            opened.keys()
-    except Exception as exc:  # the parser's own error types: any of them means unreadable
-        raise corrupt(weights, "not a safetensors file", exc) from exc
+    if is_sharded(path):
+        sharding.read_metadata(path)
+    else:
+        weights = path / WEIGHTS
+        try:
+            with safetensors.safe_open(str(weights), framework="pt") as opened:
+                opened.keys()
+        except Exception as exc:  # the parser's own error types: any of them means unreadable
+            raise corrupt(weights, "not a safetensors file", exc) from exc
     load_torch_file(path / TRAINER_FILE, mmap=True)
     read_document(path / STATE_FILE)
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether the training state at ``path`` holds its weights as a DCP checkpoint (FSDP)."""
+    return (path / sharding.DCP_METADATA).is_file() and not (path / WEIGHTS).exists()
 
 
 def load_training_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any]:
@@ -349,7 +370,8 @@ def load_training_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     A file that matches the manifest but cannot be parsed raises :class:`CorruptCheckpointError`.
     """
     read_manifest(path)
-    weights = load_weights_file(path / WEIGHTS)
+    # A sharded state's weights are read by every rank into its shards (load_sharded).
+    weights = {} if is_sharded(path) else load_weights_file(path / WEIGHTS)
     tensors = load_torch_file(path / TRAINER_FILE, mmap=False)
     return weights, tensors, read_document(path / STATE_FILE)
 

@@ -13,9 +13,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
+from torch import nn
 
 from trainbus.engine import distributed as dist_tools
+from trainbus.engine import sharding
 from trainbus.engine.compute import Precision
 from trainbus.engine.dispatch import Dispatcher
 from trainbus.engine.maps import Maps
@@ -24,7 +25,7 @@ from trainbus.engine.model import Model
 from trainbus.engine.policy import CommandPolicy
 from trainbus.engine.settings import LoopSettings
 from trainbus.engine.state import StateKeeper
-from trainbus.errors import ModelContractError
+from trainbus.errors import ConfigurationError, ModelContractError
 from trainbus.events.bus import EventBus
 from trainbus.events.callback import Callback
 from trainbus.events.plugins import PluginRecord
@@ -51,6 +52,7 @@ class Engine:
         plugins: Sequence[PluginRecord],
         defaults_kept: Sequence[str],
         ddp_options: Mapping[str, Any],
+        strategy: str = "ddp",
     ) -> None:
         self.settings = settings
         self.model = model
@@ -67,6 +69,8 @@ class Engine:
         self.plugins = list(plugins)
         self.defaults_kept = list(defaults_kept)
         self.ddp_options = dict(ddp_options)
+        self.strategy = strategy
+        """``"ddp"`` or ``"fsdp"`` (see :mod:`~trainbus.engine.sharding`)."""
         # On the CPU, training batches are used as the loader yields them: walking each batch
         # to find nothing to move costs microseconds per step.
         self.moves_batches = device.type != "cpu"
@@ -79,7 +83,10 @@ class Engine:
         )
         self.optimizers: tuple[torch.optim.Optimizer, ...] = ()
         self.scaler: torch.amp.GradScaler | None = None
-        self.forward: DistributedDataParallel | None = None
+        self.forward: nn.Module | None = None
+        """What the loop calls under torchrun: the DDP wrapper, or the FSDP root."""
+        self.sharded: nn.Module | None = None
+        """The FSDP root once the model is sharded (for good: the later calls use it too)."""
         self.tensor_rates = False
         self.compiled = False
         self.calls: list[dict[str, Any]] = []
@@ -100,8 +107,21 @@ class Engine:
             self.compiled = True
 
     def prepare_training(self) -> bool:
-        """Build the optimizers (once) and wrap the model under torchrun; True when built now."""
+        """Build the optimizers (once) and wrap the model under torchrun; True when built now.
+
+        Under ``strategy="fsdp"`` the model is sharded first: its optimizers must be built
+        on the sharded parameters.
+        """
         self.prepare_model()
+        group = self.dispatcher.group
+        if group is not None and self.strategy == "fsdp" and self.sharded is None:
+            if self.optimizers:
+                raise ConfigurationError(
+                    "strategy='fsdp': this Trainer trained in one process before, and its "
+                    "optimizers hold the unsharded parameters; train under torchrun from the "
+                    "first call, or use a new Trainer"
+                )
+            self.sharded = sharding.shard_model(self.model, self.device, self.precision)
         built_now = False
         if not self.optimizers:
             self.optimizers = built_optimizers(self.model)
@@ -109,8 +129,9 @@ class Engine:
             self.scaler = self.precision.grad_scaler()
             self.state.update(**learning_rates(self.optimizers, read_tensors=True))
             built_now = True
-        group = self.dispatcher.group
-        if group is not None:
+        if self.sharded is not None:
+            self.forward = self.sharded
+        elif group is not None:
             self.forward = dist_tools.wrap_model(self.model, self.device, self.ddp_options)
         return built_now
 
@@ -125,6 +146,7 @@ class Engine:
             **self.settings.record(),
             "device": str(self.device),
             "precision": self.precision.name,
+            "strategy": self.strategy,
             "default_callbacks": list(self.defaults_kept),
         }
 

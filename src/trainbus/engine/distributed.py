@@ -311,6 +311,12 @@ class ProcessGroup:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total / self.world_size
 
+    def most(self, value: int) -> int:
+        """The largest ``value`` of any rank."""
+        tensor = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._control)
+        return int(tensor[0])
+
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank."""
         value = torch.tensor([int(flag)], dtype=torch.int64)
@@ -323,15 +329,19 @@ class ProcessGroup:
 
 
 # ------------------------------------------------------------------------------ model
-class _TrainingForward(nn.Module):
-    """Routes ``forward`` to ``model.forward_step``, so DDP's hooks see every training step."""
+class Routed(nn.Module):
+    """Routes ``forward`` to one of the model's steps, so DDP's and FSDP's hooks see it.
+
+    ``routed(batch)`` runs ``model.forward_step(batch)``; ``routed(batch,
+    step="evaluation_step")`` (or ``"predict_step"``) the others.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Any) -> Any:
-        return self.model.forward_step(batch)  # type: ignore[operator]
+    def forward(self, batch: Any, step: str = "forward_step") -> Any:
+        return getattr(self.model, step)(batch)
 
 
 def ddp_arguments(options: object) -> dict[str, Any]:
@@ -359,7 +369,7 @@ def wrap_model(
     if device.type == "cuda":
         arguments["device_ids"] = [device]
     arguments.update(options)
-    return DistributedDataParallel(_TrainingForward(model), **arguments)
+    return DistributedDataParallel(Routed(model), **arguments)
 
 
 # ---------------------------------------------------------------------------- loaders

@@ -7,7 +7,8 @@ Metrics go to handlers as read-only mappings.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any
 
 import torch
@@ -63,6 +64,9 @@ class Evaluation:
         for metric in engine.metrics.values():
             metric.reset()
         seen_any = False
+        step, batches = self._step("evaluation_step"), self._batches_everywhere(loader)
+        device_batch = None
+        index = -1
         try:
             with torch.no_grad():
                 for index, batch in enumerate(loader):
@@ -71,13 +75,14 @@ class Evaluation:
                     fire("evaluation_step_start", batch)
                     device_batch = move_to(batch, engine.device)
                     with engine.precision.autocast():
-                        outputs = model.evaluation_step(device_batch)
+                        outputs = step(device_batch)
                     size = batch_size(device_batch)
                     for metric in engine.metrics.values():
                         metric.update(outputs, size)
                     fire("evaluation_step_end", device_batch, outputs)
                     if after_batch is not None and after_batch():
                         break
+                self._keep_in_step(step, device_batch, index + 1, batches)
         finally:
             model.train(was_training)
         if not seen_any:
@@ -86,6 +91,40 @@ class Evaluation:
                 "drop_last with a batch_size larger than the dataset)"
             )
         return {metric_name: metric.compute() for metric_name, metric in engine.metrics.items()}
+
+    def _step(self, name: str) -> Callable[[Any], Any]:
+        """The model's ``name`` step; under FSDP through the root, which gathers the weights."""
+        sharded = self.engine.sharded
+        if sharded is None:
+            return getattr(self.engine.model, name)  # type: ignore[no-any-return]
+        return functools.partial(sharded, step=name)
+
+    def _batches_everywhere(self, loader: Iterable[Any]) -> int:
+        """Under FSDP, the most batches any rank's shard has (every forward is collective)."""
+        engine = self.engine
+        group = engine.dispatcher.group
+        if engine.sharded is None or group is None:
+            return 0
+        if not isinstance(loader, Sized):
+            raise DataError(
+                f"the evaluation loader {loader!r} has no len(); under strategy='fsdp' every "
+                "rank runs as many evaluation batches as the others (each forward gathers the "
+                "weights from all of them): pass a loader over a map-style dataset"
+            )
+        return group.most(len(loader))
+
+    def _keep_in_step(
+        self, step: Callable[[Any], Any], batch: Any, done: int, everywhere: int
+    ) -> None:
+        """Run the forwards this rank's shorter shard lacks (outputs unused), for FSDP's gathers."""
+        if batch is None and done < everywhere:
+            raise DataError(
+                "under strategy='fsdp' a rank got no evaluation batch while others did; give "
+                "the evaluation loader at least one batch per rank"
+            )
+        for _ in range(everywhere - done):
+            with self.engine.precision.autocast():
+                step(batch)
 
     def _record_metrics(self, metrics: Mapping[str, float], *, track_best: bool) -> None:
         engine = self.engine
@@ -129,19 +168,22 @@ class Evaluation:
         predictions: list[Any] = []
         emit("predict_start")
         model.eval()
+        step, batches = self._step("predict_step"), self._batches_everywhere(loader)
+        device_batch = None
         with torch.no_grad():
             for index, batch in enumerate(loader):
                 state.update(batch_idx=index)
                 fire("evaluation_step_start", batch)
                 device_batch = move_to(batch, engine.device)
                 with engine.precision.autocast():
-                    outputs = model.predict_step(device_batch)
+                    outputs = step(device_batch)
                 fire("evaluation_step_end", device_batch, outputs)
                 predictions.append(move_to(outputs, torch.device("cpu")))
                 engine.dispatcher.agree(only_if_due=True)
                 self.boundary(Boundary.EVALUATION, "evaluation_step_end")
                 if policy.stop_requested:
                     break
+            self._keep_in_step(step, device_batch, len(predictions), batches)
         if not predictions:
             raise DataError("loader yielded no batches; pass a loader over a non-empty dataset")
         emit("predict_end", predictions=predictions)

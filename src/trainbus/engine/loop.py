@@ -40,6 +40,7 @@ from trainbus.engine.resume import (
 from trainbus.engine.stepping import (
     all_finite,
     direct_optimizer,
+    gradient_sync,
     optimizer_step,
     release_reduction,
 )
@@ -226,6 +227,7 @@ class TrainingLoop:
         model.train()
         ddp = engine.forward
         forward = model.forward_step if ddp is None else ddp
+        sync_gradients = gradient_sync(engine)
         autocast = engine.precision.autocast if engine.precision.dtype is not None else None
         world_size = engine.placement.world_size
         settings = engine.settings
@@ -284,9 +286,9 @@ class TrainingLoop:
                     batch = move_to(batch, device)
                 if forward_start is not None:
                     forward_start(batch)
-                if ddp is not None:
+                if sync_gradients is not None:
                     # Gradients are averaged across ranks at the backward that closes a group.
-                    ddp.require_backward_grad_sync = policy.open_group + 1 >= accumulate or is_last
+                    sync_gradients(policy.open_group + 1 >= accumulate or is_last)
                 if autocast is None:
                     output = forward(batch)
                 else:

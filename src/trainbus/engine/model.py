@@ -10,6 +10,7 @@ when. Override:
 - :meth:`Model.build_optimizers`: one optimizer or a sequence of them.
 - :meth:`Model.predict_step`, :meth:`Model.backward_step`, :meth:`Model.optimization_step`
   when the defaults do not fit (several optimizers stepped differently, custom backward).
+- :meth:`Model.shard`: the units of sharded training (``Trainer(strategy="fsdp")``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,34 @@ class Model(nn.Module):
                 scaler.step(optimizer)
             else:
                 optimizer.step()
+
+    def shard(self, shard: Callable[[nn.Module], None]) -> None:
+        """Choose the units of sharded training (``Trainer(strategy="fsdp")``).
+
+        Call ``shard(module)`` on each submodule that gathers its parameters on its own
+        (``fully_shard``), innermost first; trainbus then shards the whole model as the root
+        unit, which holds every parameter left. A unit's parameters are gathered for its
+        forward and backward only, so peak memory follows the largest unit. The default rule:
+        every element, holding parameters, of each outermost ``nn.ModuleList`` or
+        ``nn.Sequential`` (the usual home of transformer blocks and layer stacks). Override it
+        to choose others; a unit's parameters must be used inside its ``forward`` (a module
+        whose weights are tied to another's goes in the same unit).
+        """
+        for unit in sharding_units(self):
+            shard(unit)
+
+
+def sharding_units(module: nn.Module) -> list[nn.Module]:
+    """The default units of :meth:`Model.shard` under ``module`` (containers' elements)."""
+    units: list[nn.Module] = []
+    for child in module.children():
+        if isinstance(child, nn.ModuleList | nn.Sequential):
+            units.extend(
+                element for element in child.children() if any(True for _ in element.parameters())
+            )
+        else:
+            units.extend(sharding_units(child))
+    return units
 
 
 class SupervisedModel(Model):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from trainbus.engine import checkpoint
+from trainbus.engine import checkpoint, sharding
 from trainbus.engine.batches import length
 from trainbus.engine.call import recorded_calls
 from trainbus.engine.core import Engine, plain_values
@@ -142,8 +142,11 @@ def restore(
         )
     _check_layout(found, tensors, document)
     name = found.path.name
-    position = document["position"]
     own = _own_part(engine, found, tensors, document)
+    position = document["position"]
+    if own["random"] is None and position["in_epoch"]:
+        # Another world size: the position inside the epoch belongs to the old shards.
+        position = {"epoch": position["epoch"], "batches_done": 0, "in_epoch": False}
     # limit_train_batches included: a changed limit changes the epoch as a changed loader does.
     num_batches, _ = epoch_batches(engine.settings, loader)
     if position["in_epoch"] and document["state"]["num_batches"] != num_batches:
@@ -154,22 +157,27 @@ def restore(
             f"limit_train_batches={engine.settings.limit_train_batches!r}); resume with the "
             "same training data, batch size and limit_train_batches"
         )
-    check_fit(
-        weights,
-        engine.model,
-        f"the training state {name}",
-        strict=True,
-        remedy=(
-            "Resume with the model the interrupted run trained, or start a new run (another "
-            "MAPS, or overwrite=True)"
-        ),
-    )
-    saved_optimizers = tensors["optimizers"]
-    _check_optimizers(engine.optimizers, saved_optimizers, document.get("optimizers"), name)
-    engine.model.load_state_dict(weights)
+    sharded = _check_strategy(engine, document, name)
+    if sharded:
+        _check_optimizer_classes(engine.optimizers, document.get("optimizers"), name)
+        sharding.load_sharded(found.path, engine.model, engine.optimizers, name)
+    else:
+        check_fit(
+            weights,
+            engine.model,
+            f"the training state {name}",
+            strict=True,
+            remedy=(
+                "Resume with the model the interrupted run trained, or start a new run "
+                "(another MAPS, or overwrite=True)"
+            ),
+        )
+        saved_optimizers = tensors["optimizers"]
+        _check_optimizers(engine.optimizers, saved_optimizers, document.get("optimizers"), name)
+        engine.model.load_state_dict(weights)
+        for optimizer, saved in zip(engine.optimizers, saved_optimizers, strict=True):
+            optimizer.load_state_dict(saved)
     _warn_changed_hyperparameters(engine.optimizers, document.get("optimizer_defaults"), name)
-    for optimizer, saved in zip(engine.optimizers, saved_optimizers, strict=True):
-        optimizer.load_state_dict(saved)
     if engine.scaler is not None and tensors["scaler"]:
         engine.scaler.load_state_dict(tensors["scaler"])
     restored = {
@@ -232,6 +240,35 @@ def _missing(value: object, layout: Mapping[str, type], where: str) -> list[str]
     ]
 
 
+def _check_strategy(engine: Engine, document: Mapping[str, Any], name: str) -> bool:
+    """Whether the state is sharded; an unsharded one cannot go into a sharded model.
+
+    A sharded state loads into any model: Distributed Checkpoint reshards it to this run's
+    ranks, or gathers it whole into an unsharded model (``"ddp"``, one process).
+    """
+    sharded = bool(document.get("sharded", False))
+    if engine.sharded is not None and not sharded:
+        raise CheckpointError(
+            f"the training state {name} was written unsharded (strategy="
+            f"{document.get('trainer', {}).get('strategy', 'ddp')!r} or one process), and "
+            "this Trainer shards the model (strategy='fsdp'): its optimizer states cannot be "
+            "split over the shards; resume with the strategy of the interrupted run"
+        )
+    return sharded
+
+
+def _check_optimizer_classes(
+    optimizers: Sequence[torch.optim.Optimizer], saved_classes: object, name: str
+) -> None:
+    classes = [optimizer_class(o) for o in optimizers]
+    if isinstance(saved_classes, list) and saved_classes != classes:
+        raise CheckpointError(
+            f"the training state {name} was written with optimizers {saved_classes}, but "
+            f"build_optimizers now builds {classes}; an optimizer cannot continue from "
+            "another one's state: resume with the same optimizer, or start a new run"
+        )
+
+
 def _check_optimizers(
     optimizers: Sequence[torch.optim.Optimizer],
     saved: Sequence[Mapping[str, Any]],
@@ -245,13 +282,8 @@ def _check_optimizers(
             f"model's build_optimizers built {len(optimizers)}; resume with the same "
             "build_optimizers"
         )
+    _check_optimizer_classes(optimizers, saved_classes, name)
     classes = [optimizer_class(o) for o in optimizers]
-    if isinstance(saved_classes, list) and saved_classes != classes:
-        raise CheckpointError(
-            f"the training state {name} was written with optimizers {saved_classes}, but "
-            f"build_optimizers now builds {classes}; an optimizer cannot continue from "
-            "another one's state: resume with the same optimizer, or start a new run"
-        )
     for index, (optimizer, state) in enumerate(zip(optimizers, saved, strict=True)):
         groups = state.get("param_groups", [])
         now = optimizer.param_groups
@@ -326,10 +358,11 @@ def _own_part(
 ) -> dict[str, Any]:
     """This rank's generators, loader position and losses from a training state.
 
-    The same world size continues exactly. Another one continues from a state written at
-    an epoch's end, with a warning: weights, optimizers, schedulers, counters and callback
-    states are restored, but this rank's random states are not (they did not exist), and
-    the shards and the global batch change. In the middle of an epoch it is refused.
+    The same world size continues exactly. Another one continues with a warning: weights,
+    optimizers, schedulers, counters and callback states are restored, but this rank's
+    random states are not (they did not exist), and the shards and the global batch change.
+    A state written in the middle of an epoch restarts that epoch from its first batch: the
+    position inside it belongs to the old shards.
     """
     placement = engine.placement
     saved = int(document.get("world_size", 1))
@@ -339,18 +372,19 @@ def _own_part(
             dict(tensors) if placement.rank == 0 else tensors["other_ranks"][placement.rank - 1]
         )
         return mine
-    if document["position"]["in_epoch"]:
-        raise CheckpointError(
-            f"the training state {found.path.name} was written by {saved} process(es) in "
-            f"the middle of an epoch, and this run has {now}; the position inside the epoch "
-            f"belongs to {saved} shards: resume with {saved} process(es), or from a state "
-            "written at an epoch's end (TrainingCheckpointCallback(every_n_epochs=1))"
-        )
+    position = document["position"]
+    restart = (
+        f"; it was written after batch {position['batches_done']} of epoch "
+        f"{position['epoch'] + 1}, whose position belongs to {saved} shards: that epoch "
+        "starts again from its first batch"
+        if position["in_epoch"]
+        else ""
+    )
     warnings.warn(
         f"resuming {found.path.name}, written by {saved} process(es), with {now}: weights, "
         "optimizers, schedulers, counters and callback states are restored, but the "
         "random states are not, each rank's share of the data and the global batch size "
-        "change; the run continues, not as it would have with the same world size",
+        f"change{restart}; the run continues, not as it would have with the same world size",
         TrainbusWarning,
         stacklevel=5,
     )

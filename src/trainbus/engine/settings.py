@@ -55,6 +55,7 @@ REUSED_SETTINGS = (
     "gradient_clip_val",
     "gradient_clip_algorithm",
     "precision",
+    "strategy",
     "deterministic",
     "nonfinite_loss",
     "max_steps",

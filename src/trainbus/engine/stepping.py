@@ -8,10 +8,13 @@ the same events.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from trainbus.engine import sharding
 from trainbus.engine.core import Engine, learning_rates, rates_moved
 from trainbus.engine.model import Model
 
@@ -34,6 +37,19 @@ def direct_optimizer(engine: Engine) -> torch.optim.Optimizer | None:
     ):
         return None
     return optimizers[0]
+
+
+def gradient_sync(engine: Engine) -> Callable[[bool], None] | None:
+    """What tells DDP or FSDP whether the next backward reduces gradients; None: nothing to.
+
+    Inside an accumulation group only the last backward reduces (one reduction per step).
+    """
+    wrapped = engine.forward
+    if isinstance(wrapped, DistributedDataParallel):
+        return functools.partial(setattr, wrapped, "require_backward_grad_sync")
+    if wrapped is not None and engine.settings.accumulate_grad_batches > 1:
+        return functools.partial(sharding.set_gradient_sync, wrapped)
+    return None
 
 
 def optimizer_step(engine: Engine, batches_in_group: int) -> None:
@@ -93,7 +109,7 @@ def release_reduction(engine: Engine) -> None:
     which may be NaN) complete it and average what the group accumulated so far.
     """
     ddp = engine.forward
-    if ddp is None or not ddp.require_backward_grad_sync:
+    if not isinstance(ddp, DistributedDataParallel) or not ddp.require_backward_grad_sync:
         return
     parameters = [p for p in engine.model.parameters() if p.requires_grad]
     torch.stack([p.sum() * 0 for p in parameters]).sum().backward()  # type: ignore[no-untyped-call]

@@ -223,8 +223,10 @@ EVENTS: Mapping[str, EventSpec] = {
         _spec(
             "checkpoint",
             "A checkpoint was committed: `kind` is 'weights' (SaveCheckpoint, `tag` its name) "
-            "or 'training' (SaveTrainingState, `tag` the state's directory name).",
-            ("checkpoint", "tag", "kind"),
+            "or 'training' (SaveTrainingState, `tag` the state's directory name); `waited`: "
+            "seconds an asynchronous save waited for the previous background write (0.0 "
+            "when it did not).",
+            ("checkpoint", "tag", "kind", "waited"),
         ),
         _spec("train_end", "train() finished its last epoch or was stopped."),
         _spec("validate_start", "validate() begins."),

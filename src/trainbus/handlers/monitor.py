@@ -166,6 +166,8 @@ class MonitorCallback(Callback):
         self._closed: dict[str, Any] | None = None
         self._outside_checkpoints = 0
         self._outside_checkpoint_seconds = 0.0
+        # Asynchronous saves that waited for the previous background write, and how long.
+        self._waits: tuple[int, float] = (0, 0.0)
         self._finished = False
 
     def reset(self) -> None:
@@ -191,6 +193,7 @@ class MonitorCallback(Callback):
             self._resumes = 0
             self._outside_checkpoints = 0
             self._outside_checkpoint_seconds = 0.0
+            self._waits = (0, 0.0)
         self._restored = False
         self._closed = None
         self._finished = False
@@ -244,11 +247,13 @@ class MonitorCallback(Callback):
             epoch.batches += 1
         self._mark = now
 
-    def on_checkpoint(self) -> None:
+    def on_checkpoint(self, *, waited: float) -> None:
         now = time.perf_counter()
         run = self._run
         if run is None or run.ended is not None:
             return  # a validate(), test() or predict() call: not part of training
+        if waited > 0:
+            self._waits = (self._waits[0] + 1, self._waits[1] + waited)
         seconds = now - self._mark
         self._mark = now
         epoch, closed = self._epoch, self._closed
@@ -349,6 +354,7 @@ class MonitorCallback(Callback):
                 outside_checkpoints=self._outside_checkpoints,
                 outside_checkpoint_seconds=self._outside_checkpoint_seconds,
             ),
+            "checkpoint_waits": {"count": self._waits[0], "seconds": round(self._waits[1], 6)},
             "resumes": self._resumes,
             "gpu": gpu_section(run, epochs),
             "subscribers": {
@@ -401,6 +407,7 @@ class MonitorCallback(Callback):
                 "count": self._outside_checkpoints,
                 "seconds": self._outside_checkpoint_seconds,
             },
+            "checkpoint_waits": list(self._waits),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -428,6 +435,8 @@ class MonitorCallback(Callback):
         outside = state.get("outside_checkpoints", {})
         self._outside_checkpoints = int(outside.get("count", 0))
         self._outside_checkpoint_seconds = float(outside.get("seconds", 0.0))
+        count, seconds = state.get("checkpoint_waits", (0, 0.0))
+        self._waits = (int(count), float(seconds))
         self._prior_subscribers = {
             (str(row["event"]), str(row["id"])): SubscriberTotals(
                 calls=int(row["calls"]),

@@ -26,12 +26,18 @@ def format_report(report: Mapping[str, Any], *, top: int = TOP_SUBSCRIBERS) -> s
         f"  {'phase':<22}{'seconds':>10}{'share':>9}",
     ]
     saves = int(report.get("checkpoints", 0))
+    waits = report.get("checkpoint_waits", {"count": 0, "seconds": 0.0})
+    waited = (
+        f", {waits['count']} waited {waits['seconds']:.3f} s for the previous background write"
+        if waits["count"]
+        else ""
+    )
     phases = (
         ("training", "train_seconds", ""),
         ("  waiting for data", "data_seconds", ""),
         ("  compute (host)", "compute_seconds", ""),
         ("validation", "validation_seconds", ""),
-        ("checkpoints", "checkpoint_seconds", f"  {saves} save{'s' if saves != 1 else ''}"),
+        ("checkpoints", "checkpoint_seconds", f"  {saves} save{'s' if saves != 1 else ''}{waited}"),
         ("other", "other_seconds", ""),
     )
     for label, key, note in phases:
