@@ -37,6 +37,7 @@ from .distributed_job import build_model, loader
 from .test_distributed import (
     COMMON,
     EXACT_OPTIONS,
+    STOP_AND_SKIP,
     Run,
     assert_equal_weights,
     resume_alone_from_iteration_9,
@@ -126,6 +127,35 @@ def test_bf16_under_fsdp_trains_through_the_mixed_precision_policy(
     for name, tensor in alone.weights(0).items():
         assert sharded.weights(0)[name].dtype == torch.float32  # the sharded masters
         torch.testing.assert_close(sharded.weights(0)[name], tensor, rtol=0, atol=5e-2)
+
+
+@pytest.mark.slow
+def test_a_skip_and_a_stop_asked_on_one_rank_under_fsdp_end_as_under_ddp(
+    runs: dict[str, Run], scratch: Path
+) -> None:
+    ddp = shared(runs, "ddp-stop-and-skip", scratch, *STOP_AND_SKIP)
+    sharded = shared(runs, "fsdp-stop-and-skip", scratch, *STOP_AND_SKIP, *FSDP)
+    for summary in (sharded.summary(0), sharded.summary(1)):
+        # The skipped backward (the end of an accumulation group) and the stop: as under DDP.
+        assert (summary["iteration"], summary["global_step"]) == (6, 2)
+        assert summary["stopped_by"] == "OneRankDecides.on_batch_end@rank1"
+    for name, tensor in ddp.weights(0).items():
+        torch.testing.assert_close(sharded.weights(0)[name], tensor, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_early_stopping_under_fsdp_stops_where_it_does_under_ddp(
+    runs: dict[str, Run], scratch: Path
+) -> None:
+    ddp = shared(runs, "ddp-early", scratch, *COMMON, "--early-stopping")
+    sharded = shared(runs, "fsdp-early", scratch, *COMMON, "--early-stopping", *FSDP)
+    expected = ddp.summary(0)
+    assert str(expected["stopped_by"]).startswith("EarlyStoppingCallback")
+    for rank in (0, 1):
+        summary = sharded.summary(rank)
+        assert summary["stopped_by"] == expected["stopped_by"]
+        assert summary["global_step"] == expected["global_step"] < 24
+        assert summary["metrics"]["loss"] == pytest.approx(expected["metrics"]["loss"], abs=1e-6)
 
 
 # ---------------------------------------------------------------------------- files
