@@ -15,16 +15,15 @@ import json
 import os
 import re
 import runpy
-import shutil
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 import trainbus
+from tests.browsing import chromium, console, needs_chromium
 from trainbus.events import EVENTS, Callback
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,11 +31,6 @@ DOCS = ROOT / "docs"
 SNIPPETS = DOCS / "snippets"
 EXAMPLES = ROOT / "examples"
 PAGES = sorted(DOCS.rglob("*.md"))
-
-CHROMIUM = next(
-    filter(None, (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome"))),
-    None,
-)
 
 
 def environment() -> dict[str, str]:
@@ -303,32 +297,7 @@ def test_snippet_runs(
 
 
 # ----------------------------------------------------------------- in a browser
-def chromium(page: Path) -> subprocess.CompletedProcess[str]:
-    assert CHROMIUM is not None
-    with tempfile.TemporaryDirectory() as profile:
-        return subprocess.run(
-            [
-                CHROMIUM,
-                "--headless",
-                "--no-sandbox",  # tests may run as root, where the sandbox refuses to start
-                "--disable-gpu",
-                "--no-first-run",
-                f"--user-data-dir={profile}",
-                "--enable-logging=stderr",
-                "--v=0",
-                "--dump-dom",
-                page.resolve().as_uri(),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-
-
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install chromium)"
-)
+@needs_chromium
 @pytest.mark.parametrize(
     ("page", "expected"),
     [("index.html", "Getting started"), ("reference/trainer.html", 'id="trainbus.Trainer"')],
@@ -336,10 +305,9 @@ def chromium(page: Path) -> subprocess.CompletedProcess[str]:
 def test_pages_render_from_disk_without_console_errors(
     site: Path, page: str, expected: str
 ) -> None:
-    result = chromium(site / page)
+    result = chromium(site / page, "--dump-dom")
     assert result.returncode == 0, result.stderr[-4000:]
-    console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
-    assert console == []
+    assert console(result) == []
     dom = result.stdout
     assert 'class="md-content"' in dom  # the theme laid the page out
     assert expected in dom

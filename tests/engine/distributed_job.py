@@ -283,6 +283,7 @@ def main() -> None:
         "restart_count": trainer.placement.restart_count,  # as the ranks agreed on it
         "group_initialised": torch.distributed.is_initialized(),
         "param_dtype": param_dtype(trainer),
+        "sharded": trainer._engine.sharded is not None,
     }
     (options.out / f"rank{rank}.json").write_text(json.dumps(summary, indent=2))
 

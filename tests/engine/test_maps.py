@@ -98,6 +98,7 @@ def test_maps_json_records_versions_seed_and_trainer_configuration(
         "gradient_clip_algorithm": "norm",
         "device": "cpu",
         "precision": "32",
+        "strategy": "ddp",
         "compile": None,
         "deterministic": False,
         "nonfinite_loss": "stop",

@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,10 +39,12 @@ from .distributed_job import build_model, loader
 from .test_distributed import (
     COMMON,
     EXACT_OPTIONS,
+    JOB,
     STOP_AND_SKIP,
     Run,
     assert_equal_weights,
     resume_alone_from_iteration_9,
+    run_group,
     shared,
 )
 
@@ -63,6 +67,15 @@ def sharded_run(runs: dict[str, Run], scratch: Path) -> Run:
     return shared(runs, "fsdp", scratch, *CLIPPED, *FSDP, "--best-weights")
 
 
+def assert_close_weights(
+    first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], atol: float = 1e-6
+) -> None:
+    """The same weights up to the order of float additions (sharded against one process)."""
+    assert first.keys() == second.keys()
+    for name, tensor in second.items():
+        torch.testing.assert_close(first[name], tensor, rtol=0, atol=atol)
+
+
 def crashed_sharded_run(runs: dict[str, Run], scratch: Path) -> Run:
     crash = ("--crash-rank", "1", "--crash-at-iteration", "11")
     return shared(runs, "fsdp-crashed", scratch, *EXACT_OPTIONS, *FSDP, *crash, max_restarts=1)
@@ -80,8 +93,7 @@ def test_sharded_training_with_clipping_ends_with_the_weights_of_one_process(
     assert (rank0["world_size"], rank0["global_step"]) == (2, 24)
     # 8 samples per rank and step, the total norm clipped across the shards: the maths of
     # 16 samples per step in one process, up to the order of float additions.
-    for name, tensor in alone.weights(0).items():
-        torch.testing.assert_close(sharded.weights(0)[name], tensor, rtol=0, atol=1e-6)
+    assert_close_weights(sharded.weights(0), alone.weights(0))
     # Clipping was active: without it the weights differ by far more than that.
     moved = max(
         (unclipped.weights(0)[name] - tensor).abs().max().item()
@@ -100,8 +112,7 @@ def test_accumulation_under_fsdp_matches_one_process(runs: dict[str, Run], scrat
     alone = shared(runs, "alone-accumulate", scratch, *options, "--batch-size", "16", processes=1)
     # 8 batches per epoch in groups of 3: the short last group (2 batches) is stepped too.
     assert sharded.summary(0)["global_step"] == alone.summary(0)["global_step"] == 3 * 3
-    for name, tensor in alone.weights(0).items():
-        torch.testing.assert_close(sharded.weights(0)[name], tensor, rtol=0, atol=1e-6)
+    assert_close_weights(sharded.weights(0), alone.weights(0))
 
 
 @pytest.mark.slow
@@ -124,9 +135,9 @@ def test_bf16_under_fsdp_trains_through_the_mixed_precision_policy(
     assert summary["global_step"] == 24
     assert summary["param_dtype"] == "torch.bfloat16"
     # Parameters gathered in bf16 (not only autocast): close to one process, not equal.
-    for name, tensor in alone.weights(0).items():
-        assert sharded.weights(0)[name].dtype == torch.float32  # the sharded masters
-        torch.testing.assert_close(sharded.weights(0)[name], tensor, rtol=0, atol=5e-2)
+    weights = sharded.weights(0)
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}  # the masters
+    assert_close_weights(weights, alone.weights(0), atol=5e-2)
 
 
 @pytest.mark.slow
@@ -139,8 +150,7 @@ def test_a_skip_and_a_stop_asked_on_one_rank_under_fsdp_end_as_under_ddp(
         # The skipped backward (the end of an accumulation group) and the stop: as under DDP.
         assert (summary["iteration"], summary["global_step"]) == (6, 2)
         assert summary["stopped_by"] == "OneRankDecides.on_batch_end@rank1"
-    for name, tensor in ddp.weights(0).items():
-        torch.testing.assert_close(sharded.weights(0)[name], tensor, rtol=0, atol=1e-6)
+    assert_close_weights(sharded.weights(0), ddp.weights(0))
 
 
 @pytest.mark.slow
@@ -282,6 +292,30 @@ def test_a_sharded_state_resumes_in_one_process_and_restarts_the_epoch(
     resumed = copy / "training" / "state-0000000009"
     assert checkpoint.is_sharded(resumed)  # gathered whole into this process's model
     assert not checkpoint.is_sharded(copy / "training" / "state-0000000025-epoch-end")
+
+
+@pytest.mark.slow
+def test_a_sharded_state_is_resharded_for_one_sharded_process(
+    runs: dict[str, Run], scratch: Path, tmp_path: Path
+) -> None:
+    run = crashed_sharded_run(runs, scratch)
+    copy = tmp_path / "run"
+    shutil.copytree(run.maps, copy / "maps")
+    for state in (copy / "maps" / "training").iterdir():
+        if state.name > "state-0000000009":  # as if killed for good after state 9
+            shutil.rmtree(state) if state.is_dir() else state.unlink()
+    job = [str(JOB), str(copy / "maps"), str(copy / "out"), *EXACT_OPTIONS, *FSDP, "--resume"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    returncode, output = run_group([*torchrun, "--nproc-per-node=1", *job])
+    assert returncode == 0, output[-6000:]
+    assert re.search(r"written by 2 process\(es\), with 1.*starts again", output)
+    summary = json.loads((copy / "out" / "rank0.json").read_text())
+    # One rank holds every shard now (DCP resharded 2 into 1); 8 samples a batch, so the
+    # restarted second epoch and the third have 16 batches each.
+    assert (summary["world_size"], summary["sharded"]) == (1, True)
+    assert summary["iteration"] == 9 + 16 + 16
+    recorded = json.loads((copy / "maps" / "maps.json").read_text())
+    assert recorded["calls"][-2]["resumed_from"]["state"] == "state-0000000009"
 
 
 @pytest.mark.slow

@@ -1,59 +1,19 @@
-"""The report in a real browser: headless Chromium opens it from disk, offline.
-
-The DOM Chromium dumps is the page after parsing (and after any script would have run), and its
-log on stderr carries every console message, so a blocked or executed script shows up.
-"""
+"""The report in a real browser: headless Chromium opens it from disk, offline."""
 
 from __future__ import annotations
 
 import html
 import re
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
+from tests.browsing import chromium, console, needs_chromium
 from tests.report.making import HOSTILE_METRIC, HOSTILE_RUN, data_paths, figure
 from trainbus.cli import main
 
-CHROMIUM = next(
-    filter(None, (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome"))),
-    None,
-)
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install chromium)"
-)
-
-
-def chromium(page: Path, *options: str) -> subprocess.CompletedProcess[str]:
-    assert CHROMIUM is not None
-    with tempfile.TemporaryDirectory() as profile:
-        return subprocess.run(
-            [
-                CHROMIUM,
-                "--headless",
-                "--no-sandbox",  # tests may run as root, where the sandbox refuses to start
-                "--disable-gpu",
-                "--no-first-run",
-                f"--user-data-dir={profile}",
-                "--enable-logging=stderr",
-                "--v=0",
-                "--hide-scrollbars",
-                *options,
-                page.resolve().as_uri(),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-
-
-def console(result: subprocess.CompletedProcess[str]) -> list[str]:
-    return [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+pytestmark = needs_chromium
 
 
 def title(dom: str) -> str:
