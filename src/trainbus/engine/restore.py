@@ -144,7 +144,7 @@ def restore(
     name = found.path.name
     own = _own_part(engine, found, tensors, document)
     position = document["position"]
-    if own["random"] is None and position["in_epoch"]:
+    if position["in_epoch"] and document.get("world_size", 1) != engine.placement.world_size:
         # Another world size: the position inside the epoch belongs to the old shards.
         position = {"epoch": position["epoch"], "batches_done": 0, "in_epoch": False}
     # limit_train_batches included: a changed limit changes the epoch as a changed loader does.

@@ -268,7 +268,8 @@ class Saver:
             "world_size": engine.placement.world_size,
             "sharded": sharded,
         }
-        if background:
+        if background and engine.placement.is_main:
+            # Under torchrun only rank 0 writes these: the other ranks copy nothing.
             tensors = host_copy(tensors)
             # Its values are taken now; the JSON text comes out the same when written.
             document = json.loads(json.dumps(document, default=str))
