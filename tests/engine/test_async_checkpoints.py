@@ -34,6 +34,7 @@ from trainbus.errors import CheckpointError, TrainingInterrupted
 from trainbus.handlers import priorities
 
 from .test_full_disk import (
+    FIRST_STATE,
     NO_SPACE,
     DiskFiller,
     assert_recoverable,
@@ -267,11 +268,29 @@ def test_asynchronous_weights_keep_the_same_ranking_and_files_as_synchronous_one
     "and stops training there; the previous state verifies, nothing is half-written, the MAPS "
     "is unlocked",
 )
+class FillerAfterCommit(DiskFiller):
+    """Fills the disk once the previous background write is done: only the next one fails.
+
+    On a loaded machine the state of epoch 0 can still be in flight at the end of epoch 1;
+    filling then would fail that write instead of the one under test.
+    """
+
+    def on_epoch_end(self, *, state: TrainerState) -> None:
+        if state.current_epoch == self.at_epoch:
+            latest = self.filler.parent / "maps" / "training" / "latest"
+            deadline = time.monotonic() + WAIT
+            while time.monotonic() < deadline and not (
+                latest.is_file() and latest.read_text().strip() == FIRST_STATE
+            ):
+                time.sleep(0.01)
+        super().on_epoch_end(state=state)
+
+
 def test_a_failed_background_write_stops_training_at_the_next_boundary(
     small_disk: Path,  # noqa: F811  # the fixture imported above
 ) -> None:
     maps = small_disk / "maps"
-    filler = DiskFiller(small_disk / "filler")
+    filler = FillerAfterCommit(small_disk / "filler")
     trainer = Trainer(
         maps,
         make_model(),
