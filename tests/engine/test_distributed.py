@@ -70,12 +70,17 @@ def environment() -> dict[str, str]:
 
 
 def launch(
-    directory: Path, *options: str, processes: int = 2, max_restarts: int = 0, name: str = "run"
+    directory: Path,
+    *options: str,
+    processes: int = 2,
+    max_restarts: int = 0,
+    name: str = "run",
+    torchrun: bool | None = None,
 ) -> Run:
-    """Run the job under torchrun (``processes`` > 1) or as a plain script, and wait."""
+    """Run the job under torchrun (by default when ``processes`` > 1) or as a plain script."""
     maps, out = directory / name / "maps", directory / name / "out"
     job = [str(JOB), str(maps), str(out), *options]
-    if processes > 1:
+    if processes > 1 if torchrun is None else torchrun:
         command = [
             sys.executable,
             "-m",
@@ -323,15 +328,21 @@ def test_resuming_with_another_world_size_mid_epoch_restarts_the_epoch(
     resume_alone_from_iteration_9(crashed_run(runs, scratch), tmp_path)
 
 
-def resume_alone_from_iteration_9(run: Run, tmp_path: Path) -> Path:
-    """Resume a copy of ``run`` (2 processes) in this one, from its mid-epoch state 9."""
-    copy = tmp_path / "maps"
+def killed_after_state_9(run: Run, copy: Path) -> Path:
+    """A copy of ``run``'s MAPS as if it had been killed for good after its state 9.
+
+    State 9 is mid-epoch (batch 1 of 8 of the second epoch); the later states go.
+    """
     subprocess.run(["cp", "-a", str(run.maps), str(copy)], check=True)
-    # As if the run had been killed for good after its state of iteration 9 (batch 1 of 8
-    # of the second epoch): the later states go.
     for state in (copy / "training").iterdir():
         if state.name > "state-0000000009":
             subprocess.run(["rm", "-rf", str(state)], check=True)
+    return copy
+
+
+def resume_alone_from_iteration_9(run: Run, tmp_path: Path) -> Path:
+    """Resume a copy of ``run`` (2 processes) in this one, from its mid-epoch state 9."""
+    copy = killed_after_state_9(run, tmp_path / "maps")
     trainer = Trainer.from_maps(
         copy, build_model(0.3), callbacks=[TrainingCheckpointCallback(every_n_steps=3, keep=100)]
     )

@@ -12,7 +12,6 @@ import json
 import pickle
 import re
 import shutil
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,12 +38,12 @@ from .distributed_job import build_model, loader
 from .test_distributed import (
     COMMON,
     EXACT_OPTIONS,
-    JOB,
     STOP_AND_SKIP,
     Run,
     assert_equal_weights,
+    killed_after_state_9,
+    launch,
     resume_alone_from_iteration_9,
-    run_group,
     shared,
 )
 
@@ -298,23 +297,18 @@ def test_a_sharded_state_resumes_in_one_process_and_restarts_the_epoch(
 def test_a_sharded_state_is_resharded_for_one_sharded_process(
     runs: dict[str, Run], scratch: Path, tmp_path: Path
 ) -> None:
-    run = crashed_sharded_run(runs, scratch)
-    copy = tmp_path / "run"
-    shutil.copytree(run.maps, copy / "maps")
-    for state in (copy / "maps" / "training").iterdir():
-        if state.name > "state-0000000009":  # as if killed for good after state 9
-            shutil.rmtree(state) if state.is_dir() else state.unlink()
-    job = [str(JOB), str(copy / "maps"), str(copy / "out"), *EXACT_OPTIONS, *FSDP, "--resume"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    returncode, output = run_group([*torchrun, "--nproc-per-node=1", *job])
-    assert returncode == 0, output[-6000:]
-    assert re.search(r"written by 2 process\(es\), with 1.*starts again", output)
-    summary = json.loads((copy / "out" / "rank0.json").read_text())
+    (tmp_path / "run").mkdir()
+    copy = killed_after_state_9(crashed_sharded_run(runs, scratch), tmp_path / "run" / "maps")
+    resumed = launch(
+        tmp_path, *EXACT_OPTIONS, *FSDP, "--resume", processes=1, torchrun=True, name="run"
+    )
+    assert re.search(r"written by 2 process\(es\), with 1.*starts again", resumed.output)
+    summary = resumed.summary(0)
     # One rank holds every shard now (DCP resharded 2 into 1); 8 samples a batch, so the
     # restarted second epoch and the third have 16 batches each.
     assert (summary["world_size"], summary["sharded"]) == (1, True)
     assert summary["iteration"] == 9 + 16 + 16
-    recorded = json.loads((copy / "maps" / "maps.json").read_text())
+    recorded = json.loads((copy / "maps.json").read_text())
     assert recorded["calls"][-2]["resumed_from"]["state"] == "state-0000000009"
 
 

@@ -9,7 +9,6 @@ committed (:meth:`BackgroundWriter.collect`) and announces it there.
 
 from __future__ import annotations
 
-import pickle
 import threading
 import time
 from collections import OrderedDict
@@ -21,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
+from trainbus.engine.distributed import portable_error
 from trainbus.errors import TrainbusError
 
 T = TypeVar("T")
@@ -146,12 +146,7 @@ def collected_everywhere(group: Group, local: Finished | None) -> Finished | Non
 
 def _portable(outcome: Finished) -> Finished:
     """``outcome`` with an error that can be sent to the other ranks (pickled)."""
-    error = outcome.error
-    if error is not None:
-        try:
-            pickle.dumps(error)
-        except Exception:  # an error that cannot be pickled goes as its text
-            error = TrainbusError(f"{type(error).__name__} on rank 0: {error}")
+    error = None if outcome.error is None else portable_error(outcome.error)
     return Finished(list(outcome.written), error)
 
 

@@ -137,15 +137,20 @@ def device_for(placement: Placement, device: str | torch.device) -> str | torch.
     return device
 
 
+def portable_error(error: BaseException) -> BaseException:
+    """``error`` if it can be pickled to the other ranks, else its text in a TrainbusError."""
+    try:
+        pickle.dumps(error)
+    except Exception:  # any error that cannot be pickled is sent as its text
+        return TrainbusError(f"{type(error).__name__} on rank 0: {error}")
+    return error
+
+
 class _Failure:
     """An error raised on rank 0, sent to the other ranks so that they raise it too."""
 
     def __init__(self, error: BaseException) -> None:
-        try:
-            pickle.dumps(error)
-        except Exception:  # any error that cannot be pickled is sent as its text
-            error = TrainbusError(f"{type(error).__name__} on rank 0: {error}")
-        self.error = error
+        self.error = portable_error(error)
 
 
 _control_groups: dict[int, Any] = {}

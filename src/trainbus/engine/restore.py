@@ -259,7 +259,8 @@ def _check_strategy(engine: Engine, document: Mapping[str, Any], name: str) -> b
 
 def _check_optimizer_classes(
     optimizers: Sequence[torch.optim.Optimizer], saved_classes: object, name: str
-) -> None:
+) -> list[str]:
+    """The optimizers' classes; refused when the state was written by others."""
     classes = [optimizer_class(o) for o in optimizers]
     if isinstance(saved_classes, list) and saved_classes != classes:
         raise CheckpointError(
@@ -267,6 +268,7 @@ def _check_optimizer_classes(
             f"build_optimizers now builds {classes}; an optimizer cannot continue from "
             "another one's state: resume with the same optimizer, or start a new run"
         )
+    return classes
 
 
 def _check_optimizers(
@@ -282,8 +284,7 @@ def _check_optimizers(
             f"model's build_optimizers built {len(optimizers)}; resume with the same "
             "build_optimizers"
         )
-    _check_optimizer_classes(optimizers, saved_classes, name)
-    classes = [optimizer_class(o) for o in optimizers]
+    classes = _check_optimizer_classes(optimizers, saved_classes, name)
     for index, (optimizer, state) in enumerate(zip(optimizers, saved, strict=True)):
         groups = state.get("param_groups", [])
         now = optimizer.param_groups
