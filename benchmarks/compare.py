@@ -9,11 +9,11 @@ Every contender trains the same network, from the same initial weights, on the s
 with the same SGD optimizer, in this one process.
 
 - ``--mode lockstep`` (default; see :mod:`support.lockstep`): every contender trains in its
-  own thread and the threads take turns every 20 steps; each step is timed with the thread's
-  CPU clock; the first 3 steps after a turn are left out. Reported: the median over steps of
-  the paired ratio to the raw loop's same step, its quartiles, and the median extra
-  microseconds per step; with ``--repeats R`` rounds (3 by default) the median over rounds
-  and the lowest and highest round.
+  own thread and the threads take turns every 20 steps, in a new random order each round;
+  each step is timed with the thread's CPU clock; the first 3 steps after a turn are left
+  out. Reported: the median over steps of the paired ratio to the raw loop's same step, its
+  quartiles, and the median extra microseconds per step; with ``--repeats R`` rounds (5 by
+  default) the median over rounds and the lowest and highest round.
 - ``--mode whole``: whole fits interleaved in a random order at each repeat. Each
   measurement times runs of ``S`` and ``3 S`` steps: the difference over ``2 S`` is the steady
   time per step, free of what a framework does once per run, reported apart as the fixed
@@ -115,12 +115,20 @@ def measure_whole(
 
 
 def measure_lockstep(
-    runners: dict[str, Runner], model: str, steps: int, rounds: int, design: str | None = None
+    runners: dict[str, Runner],
+    model: str,
+    steps: int,
+    rounds: int,
+    *,
+    seed: int,
+    design: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Every contender in its own thread, taking turns every 20 steps (module docstring).
 
-    ``rounds`` lock-step runs, each with fresh threads and networks: the figures are the
-    median over rounds, and ``ratio_low``/``ratio_high`` the lowest and highest round.
+    ``rounds`` lock-step runs, each with fresh threads and networks and the contenders in a
+    new random order (who follows whom, and where each one's tensors land in memory, would
+    otherwise be the same in every round of a process): the figures are the median over
+    rounds, and ``ratio_low``/``ratio_high`` the lowest and highest round.
     ``design`` names the design-minimum contender: ``vs_design`` is then each contender's
     median paired ratio to it (step k against its step k), the precise way to compare two
     contenders that both sit a few percent above the raw loop.
@@ -130,11 +138,15 @@ def measure_lockstep(
         timed(runner, model, batches[:3])
     per_round = []
     against_design: list[dict[str, dict[str, float]]] = []
+    order, shuffler = list(runners), random.Random(seed)
     for _ in range(rounds):
+        shuffler.shuffle(order)
         gc.collect()
         gc.disable()
         try:
-            steps_by_name = run_lockstep(runners, lambda: make_network(model), batches)
+            steps_by_name = run_lockstep(
+                {name: runners[name] for name in order}, lambda: make_network(model), batches
+            )
         finally:
             gc.enable()
         per_round.append(paired(steps_by_name, reference="raw"))
@@ -162,7 +174,7 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=10)
     parser.add_argument("--steps", type=int, default=None, help="steps (whole: of the short run)")
     parser.add_argument(
-        "--repeats", type=int, default=None, help="repeats (lock-step: rounds; default 3)"
+        "--repeats", type=int, default=None, help="repeats (lock-step: rounds; default 5)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -175,7 +187,7 @@ def main() -> None:
     else:
         default_steps = 20 if arguments.quick else (400 if arguments.model != "small" else 60)
     steps = arguments.steps or default_steps
-    repeats = arguments.repeats or (1 if arguments.quick else (3 if lockstep else 7))
+    repeats = arguments.repeats or (1 if arguments.quick else (5 if lockstep else 7))
     shape = (
         f"{steps} steps in turns of 20, {repeats} round(s)"
         if lockstep
@@ -190,7 +202,9 @@ def main() -> None:
     if lockstep:
         design = f"design+{arguments.subscribers}"
         with quiet():
-            results = measure_lockstep(runners, arguments.model, steps, repeats, design=design)
+            results = measure_lockstep(
+                runners, arguments.model, steps, repeats, seed=0, design=design
+            )
         print(
             f"{'contender':<20} {'us/step':>9} {'x raw':>7} {'quartiles':>13} {'extra us':>9} "
             f"{'rounds':>13} {'x design':>9}"

@@ -80,3 +80,65 @@ def test_an_overridden_backward_step_shapes_the_update(tmp_path: Path) -> None:
         for a, b in zip(doubled.state_dict().values(), plain.state_dict().values(), strict=True)
     ]
     assert all(changed)
+
+
+class ForwardCounting(SupervisedModel):
+    """Overrides forward_step with the same loss, counted: the loop must call it."""
+
+    def __init__(self) -> None:
+        base = make_model()
+        super().__init__(base.network, base.loss, base.optimizer_factory)
+        self.forward_calls = 0
+
+    def forward_step(self, batch: Any) -> torch.Tensor:
+        self.forward_calls += 1
+        loss = super().forward_step(batch)
+        assert isinstance(loss, torch.Tensor)
+        return loss
+
+
+def test_an_overridden_forward_step_is_called_and_trains_as_the_plain_model(
+    tmp_path: Path,
+) -> None:
+    # The loop applies a plain SupervisedModel's network and loss itself; a subclass that
+    # overrides forward_step goes through it, and both train to the same weights.
+    counting, plain = ForwardCounting(), make_model()
+    for model, name in ((counting, "counting"), (plain, "plain")):
+        Trainer(tmp_path / name, model, default_callbacks=False, max_epochs=2).train(make_loader())
+    assert counting.forward_calls == 12
+    for (name, a), b in zip(
+        counting.state_dict().items(), plain.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_a_forward_step_replaced_on_the_instance_is_called(tmp_path: Path) -> None:
+    # As compile=True does: the instance attribute wins over SupervisedModel's own step.
+    model = make_model()
+    calls = []
+    own_step = model.forward_step
+
+    def replaced(batch: Any) -> torch.Tensor:
+        calls.append(1)
+        loss = own_step(batch)
+        assert isinstance(loss, torch.Tensor)
+        return loss
+
+    model.forward_step = replaced  # type: ignore[method-assign]
+    Trainer(tmp_path / "maps", model, default_callbacks=False, max_epochs=1).train(make_loader())
+    assert len(calls) == 6
+
+
+@pytest.mark.parametrize("hook", ["backward_step", "optimization_step"])
+def test_a_hook_replaced_on_the_instance_is_called(tmp_path: Path, hook: str) -> None:
+    model = make_model()
+    calls = []
+    own_hook = getattr(model, hook)
+
+    def replaced(*arguments: Any) -> None:
+        calls.append(1)
+        own_hook(*arguments)
+
+    setattr(model, hook, replaced)
+    Trainer(tmp_path / "maps", model, default_callbacks=False, max_epochs=1).train(make_loader())
+    assert len(calls) == 6

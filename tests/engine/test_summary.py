@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import make_loader
-from trainbus import EarlyStoppingCallback, ModelCheckpointCallback, Trainer
+from trainbus import EarlyStoppingCallback, ModelCheckpointCallback, Stop, Trainer, TrainerState
+from trainbus.errors import TrainbusWarning
 
 
 def last_call(maps: Path) -> dict[str, Any]:
@@ -89,3 +90,22 @@ def test_a_failed_run_records_its_summary_without_printing_it(
         trainer.train(make_loader())
     assert last_call(maps_path)["summary"]["outcome"] == "failed"
     assert "training summary" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("event", ["train_end", "teardown"])
+def test_a_stop_after_the_loop_ended_is_not_the_runs_stop(
+    quiet_trainer: Callable[..., Trainer], maps_path: Path, event: str
+) -> None:
+    trainer = quiet_trainer(max_epochs=2)
+
+    @trainer.on(event, id="late-stopper")
+    def late(*, state: TrainerState) -> Stop:
+        return Stop("too late")
+
+    with pytest.warns(TrainbusWarning, match=f"late-stopper returned .* at '{event}'"):
+        state = trainer.train(make_loader())
+    call = last_call(maps_path)
+    assert call["summary"]["outcome"] == "completed"
+    assert call["summary"]["stopped_by"] is None
+    assert state.stopped_by is None
+    assert [request["source"] for request in call["requests"]] == ["late-stopper"]

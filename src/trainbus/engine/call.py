@@ -165,6 +165,7 @@ class CallRunner:
             yield
         except BaseException as raised:
             error = raised
+            engine.policy.close()
             engine.dispatcher.deliver_exception(raised)
             raise
         finally:
@@ -180,6 +181,7 @@ class CallRunner:
         """Teardown, the call's record and the unlock; the teardown's own error, if new."""
         engine = self.engine
         teardown_error: BaseException | None = None
+        engine.policy.close()
         try:
             # A background checkpoint write ends before the MAPS is released, even after an
             # error; its `checkpoint` events still reach the handlers, before `teardown`.

@@ -28,6 +28,7 @@ from trainbus.engine.core import Engine, learning_rates, rates_moved
 from trainbus.engine.evaluation import Evaluation
 from trainbus.engine.limits import Limits, check_interval, epoch_batches, epoch_cap, take
 from trainbus.engine.loss_tracking import FOLD_EVERY, LossTracker
+from trainbus.engine.model import supervised_step
 from trainbus.engine.policy import Boundary, BoundaryHook
 from trainbus.engine.resume import (
     EpochStart,
@@ -39,6 +40,7 @@ from trainbus.engine.resume import (
 )
 from trainbus.engine.stepping import (
     all_finite,
+    backward_of,
     direct_optimizer,
     gradient_sync,
     optimizer_step,
@@ -227,6 +229,8 @@ class TrainingLoop:
         model.train()
         ddp = engine.forward
         forward = model.forward_step if ddp is None else ddp
+        backward = backward_of(model)
+        supervised = supervised_step(model) if ddp is None else None
         sync_gradients = gradient_sync(engine)
         autocast = engine.precision.autocast if engine.precision.dtype is not None else None
         world_size = engine.placement.world_size
@@ -248,6 +252,9 @@ class TrainingLoop:
         batch_start = forward_start = backward_start = backward_end = batch_end = None
         step_start = step_end = None
         seen_any = False
+        batch: Any
+        loss: torch.Tensor | None = None
+        output: Any = None
         known = total is not None
         source = enumerate(batches, first) if known else enumerate(with_last(batches), first)
         for batch_idx, item in source:
@@ -270,8 +277,13 @@ class TrainingLoop:
                     step_end,
                 ) = (emitters[event] for event in STEP_EVENTS)
             # One change per batch start: samples_seen counts this batch from batch_start on.
-            if type(batch) is tuple and type(head := batch[0]) is torch.Tensor and head.ndim:
-                samples = head.shape[0]  # the common case, without a call
+            if (
+                (type(batch) is tuple or type(batch) is list)
+                and batch
+                and type(head := batch[0]) is torch.Tensor
+                and head.ndim
+            ):
+                samples = head.size(0)  # the common case: no call, no torch.Size built
             else:
                 samples = batch_size(batch)
             iteration = values["iteration"] + 1
@@ -279,8 +291,9 @@ class TrainingLoop:
             values["iteration"] = iteration
             values["samples_seen"] += samples * world_size
             state.cached = None
-            loss: torch.Tensor | None = None
-            output: Any = None
+            # The previous step's loss (and its autograd graph) is let go only when this
+            # step's forward rebinds it, as in a hand-written loop: freeing it before the
+            # forward measured about 2 us a step slower on the tiny MLP.
             if batch_start is None or not batch_start(batch):
                 if moves_batches:
                     batch = move_to(batch, device)
@@ -289,11 +302,18 @@ class TrainingLoop:
                 if sync_gradients is not None:
                     # Gradients are averaged across ranks at the backward that closes a group.
                     sync_gradients(policy.open_group + 1 >= accumulate or is_last)
-                if autocast is None:
-                    output = forward(batch)
-                else:
+                if autocast is not None:
                     with autocast():
                         output = forward(batch)
+                elif (
+                    supervised is not None
+                    and (type(batch) is tuple or type(batch) is list)
+                    and len(batch) == 2
+                ):
+                    # SupervisedModel.forward_step, one Python call fewer per step.
+                    output = supervised._step_loss(supervised._step_network(batch[0]), batch[1])
+                else:
+                    output = forward(batch)
                 if type(output) is torch.Tensor and output.ndim == 0 and output.requires_grad:
                     loss = output  # the common case, checked without a call
                 else:
@@ -312,7 +332,7 @@ class TrainingLoop:
                     scaled = loss / accumulate if accumulate > 1 else loss
                     if scaler is not None:
                         scaled = scaler.scale(scaled)
-                    model.backward_step(scaled)
+                    backward(scaled)
                     if direct is None:
                         policy.open_group += 1
                     if backward_end is not None:
@@ -347,6 +367,8 @@ class TrainingLoop:
                     # Kept on the device, folded every FOLD_EVERY iterations and read at log
                     # intervals only (a host-device sync); appending launches no kernel.
                     track(loss.detach())
+            else:
+                loss = output = None
             position["batches_done"] = batch_idx + 1
             log_step = iteration % log_every == 0 or is_last
             if log_step:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-FOLD_EVERY = 32
+FOLD_EVERY = 128
 """Iterations between two folds: the loop folds when ``iteration % FOLD_EVERY == 0``."""
 
 

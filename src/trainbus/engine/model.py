@@ -152,7 +152,10 @@ class SupervisedModel(Model):
 
     def forward_step(self, batch: Any) -> StepOutput:
         """The loss of one ``(inputs, target)`` batch."""
-        inputs, target = _split(batch, "forward_step")
+        if (type(batch) is tuple or type(batch) is list) and len(batch) == 2:
+            inputs, target = batch  # the common case, one call fewer per step
+        else:
+            inputs, target = _split(batch, "forward_step")
         loss: torch.Tensor = self._step_loss(self._step_network(inputs), target)
         return loss
 
@@ -235,3 +238,21 @@ def _describe(value: Any) -> str:
     if isinstance(value, Mapping):
         return f"a {type(value).__name__} with keys {sorted(map(str, value))}"
     return repr(value)[:80]
+
+
+def supervised_step(model: Model) -> SupervisedModel | None:
+    """``model`` when its training step is SupervisedModel's own, else None.
+
+    The loop then applies the network and the loss itself, one Python call fewer per step,
+    exactly as :meth:`SupervisedModel.forward_step` does for an ``(inputs, target)`` tuple. A
+    subclass that overrides ``forward_step``, or a compiled one, is called as usual.
+    """
+    if isinstance(model, SupervisedModel) and own_method(model, "forward_step", SupervisedModel):
+        return model
+    return None
+
+
+def own_method(model: Model, name: str, owner: type[Model] = Model) -> bool:
+    """Whether ``model.<name>`` is ``owner``'s own: not overridden by a subclass, nor replaced
+    on the instance (as ``compile=True`` replaces the steps)."""
+    return getattr(type(model), name) is getattr(owner, name) and name not in vars(model)

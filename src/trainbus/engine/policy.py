@@ -6,7 +6,10 @@ and asks, at each boundary, what to carry out. The rules keep a resume exact:
 - :class:`~trainbus.Stop` is recorded at once (the first stop is the one reported). The loop
   leaves the epoch at the end of the current step; a final stop drops an open accumulation
   group, a resumable stop (a pause) trains on to the end of the group, so that the training
-  state it writes continues exactly.
+  state it writes continues exactly. Once the training loop has ended (``train_end``, a
+  background write's ``checkpoint`` after it, ``exception``, ``teardown``) a stop has
+  nothing to stop: it is kept in the call's record, named in a warning, and not reported as
+  the run's stop.
 - :class:`~trainbus.SkipStep` acts only at the skippable event that returned it; the loop
   decides it right there.
 - :class:`~trainbus.SaveCheckpoint` (weights) is written at the next boundary: the end of a
@@ -60,7 +63,7 @@ BoundaryHook = Callable[[Boundary, str], None]
 class CommandPolicy:
     """Collects the requests of one call and releases each at a boundary where it is safe."""
 
-    __slots__ = ("_record", "_state", "open_group", "pending", "training")
+    __slots__ = ("_record", "_state", "closed", "open_group", "pending", "training")
 
     def __init__(self, state: StateKeeper) -> None:
         self._state = state
@@ -70,6 +73,8 @@ class CommandPolicy:
         self.open_group = 0
         """Backward passes accumulated since the last optimizer step."""
         self.training = False
+        self.closed = False
+        """Whether the call's loop has ended: a stop requested now has nothing to stop."""
 
     def begin_call(self, record: list[dict[str, Any]], *, training: bool) -> None:
         """A call starts clean: no stop or request of an earlier call carries over."""
@@ -77,7 +82,12 @@ class CommandPolicy:
         self._record = record
         self.open_group = 0
         self.training = training
+        self.closed = False
         self._state.update(stopped_by=None, stop_reason=None, stop_resumable=False)
+
+    def close(self) -> None:
+        """The call's loop has ended (or failed): from now on a stop has nothing to stop."""
+        self.closed = True
 
     def end_call(self) -> None:
         """Forget what the call left undone (a request made in ``teardown`` has no boundary)."""
@@ -90,7 +100,16 @@ class CommandPolicy:
         state = self._state
         for request in requests:
             command = request.command
-            if isinstance(command, Stop) and state.get("stopped_by") is None:
+            if isinstance(command, Stop) and self.closed:
+                warnings.warn(
+                    f"{request.source} returned {command!r} at {request.event!r}, after the "
+                    "loop had ended: there is nothing left to stop, so it is not reported as "
+                    "the run's stop; return Stop from an event inside the loop (epoch_end, "
+                    "batch_end, ...)",
+                    TrainbusWarning,
+                    stacklevel=2,
+                )
+            elif isinstance(command, Stop) and state.get("stopped_by") is None:
                 state.update(
                     stopped_by=request.source,
                     stop_reason=command.reason or f"requested at {request.event}",

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainbus.engine import sharding
 from trainbus.engine.core import Engine, learning_rates, rates_moved
-from trainbus.engine.model import Model
+from trainbus.engine.model import Model, own_method
 
 
 def direct_optimizer(engine: Engine) -> torch.optim.Optimizer | None:
@@ -26,7 +26,7 @@ def direct_optimizer(engine: Engine) -> torch.optim.Optimizer | None:
     ``optimization_step`` not overridden, one process) is stepped in the loop.
     """
     optimizers = engine.optimizers
-    overridden = type(engine.model).optimization_step is not Model.optimization_step
+    overridden = not own_method(engine.model, "optimization_step")
     if (
         overridden
         or len(optimizers) != 1
@@ -37,6 +37,17 @@ def direct_optimizer(engine: Engine) -> torch.optim.Optimizer | None:
     ):
         return None
     return optimizers[0]
+
+
+def backward_of(model: Model) -> Callable[[torch.Tensor], None]:
+    """What the loop calls to backpropagate: the model's ``backward_step`` when overridden.
+
+    Otherwise ``Tensor.backward`` itself, which is all ``Model.backward_step`` does: one
+    Python call fewer per step.
+    """
+    if own_method(model, "backward_step"):
+        return torch.Tensor.backward
+    return model.backward_step
 
 
 def gradient_sync(engine: Engine) -> Callable[[bool], None] | None:

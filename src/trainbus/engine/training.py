@@ -75,6 +75,7 @@ def run_training(
             dispatcher.agree()
             saver.at_boundary(Boundary.TRAINING, "train_start")
             loop.train(train_loader, val_loader)
+            engine.policy.close()
             dispatcher.emit("train_end")
             dispatcher.agree()
             saver.at_boundary(Boundary.TRAINING, "train_end")
