@@ -67,6 +67,11 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--precision", default="32")
     parser.add_argument("--asynchronous", action="store_true", help="asynchronous saves")
     parser.add_argument("--best-weights", action="store_true", help="ModelCheckpointCallback")
+    parser.add_argument("--compile-backend", default=None, help="compile={'backend': ...}")
+    parser.add_argument(
+        "--fill-disk", type=Path, default=None, help="rank 0 fills the disk with this file"
+    )
+    parser.add_argument("--fill-after", default=None, help="... at the next epoch end after it")
     return parser.parse_args()
 
 
@@ -228,6 +233,10 @@ def main() -> None:
     ]
     if options.best_weights:
         callbacks.append(ModelCheckpointCallback("loss", asynchronous=options.asynchronous))
+    if options.fill_disk is not None and os.environ.get("RANK", "0") == "0":
+        from tests.engine.test_async_checkpoints import FillerAfterCommit
+
+        callbacks.append(FillerAfterCommit(options.fill_disk, committed=options.fill_after))
     if options.stop_rank is not None or options.skip_rank is not None:
         callbacks.append(OneRankDecides(options))
     if options.crash_rank is not None:
@@ -250,6 +259,7 @@ def main() -> None:
         strategy=options.strategy,
         gradient_clip_val=options.clip,
         precision=options.precision,
+        compile=False if options.compile_backend is None else {"backend": options.compile_backend},
     )
     if options.rank_seeds:
         # Each rank draws its own dropout masks: an exact resume must restore every rank's.

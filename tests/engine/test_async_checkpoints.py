@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -33,6 +34,7 @@ from trainbus.engine.maps import Maps
 from trainbus.errors import CheckpointError, TrainingInterrupted
 from trainbus.handlers import priorities
 
+from .test_distributed import COMMON, assert_equal_weights, job_command, launch, run_group
 from .test_full_disk import (
     FIRST_STATE,
     NO_SPACE,
@@ -275,12 +277,17 @@ class FillerAfterCommit(DiskFiller):
     filling then would fail that write instead of the one under test.
     """
 
+    def __init__(self, filler: Path, committed: str = FIRST_STATE) -> None:
+        super().__init__(filler)
+        self.committed = committed
+        """The state ``training/latest`` names once the previous write is done."""
+
     def on_epoch_end(self, *, state: TrainerState) -> None:
         if state.current_epoch == self.at_epoch:
             latest = self.filler.parent / "maps" / "training" / "latest"
             deadline = time.monotonic() + WAIT
             while time.monotonic() < deadline and not (
-                latest.is_file() and latest.read_text().strip() == FIRST_STATE
+                latest.is_file() and latest.read_text().strip() == self.committed
             ):
                 time.sleep(0.01)
         super().on_epoch_end(state=state)
@@ -306,3 +313,54 @@ def test_a_failed_background_write_stops_training_at_the_next_boundary(
     assert trainer.state.global_step == 18  # the end of the next epoch: no further epoch
     assert not writer_threads()
     assert_recoverable(maps)
+
+
+@pytest.mark.slow
+@pytest.mark.fault(
+    "A full disk during a background save under torchrun (2 processes)",
+    outcome=(
+        "every rank fails with ENOSPC naming the state; the previous training state verifies, "
+        "no staging directory is left, the MAPS is unlocked, and the resume under torchrun "
+        "once space is freed ends with weights equal to an uninterrupted run's"
+    ),
+)
+def test_a_full_disk_under_torchrun_fails_every_rank_and_resumes_exactly(
+    small_disk: Path,  # noqa: F811  # the fixture imported above
+    tmp_path: Path,
+) -> None:
+    # 128 samples, 8 per rank and step: 8 steps an epoch. Rank 0 fills the disk at the end
+    # of epoch 1, once the writes of epoch 0 are committed: the weights and the state of
+    # epoch 1, written in the background, meet the full disk; the ranks learn it together.
+    options = (
+        *COMMON, "--shuffle", "--dropout", "0.3", "--rank-seeds", "--asynchronous",
+        "--best-weights",
+    )  # fmt: skip
+    straight = launch(tmp_path, *options, name="straight")
+    maps, filler = small_disk / "maps", small_disk / "filler"
+    fill = ("--fill-disk", str(filler), "--fill-after", "state-0000000008-epoch-end")
+    returncode, output = run_group(job_command(maps, tmp_path / "failed", *options, *fill))
+    assert returncode != 0
+    for rank in (0, 1):
+        failed = re.search(rf"\[rank{rank}\]: trainbus.errors.CheckpointError: (.*)", output)
+        assert failed is not None, output[-6000:]
+        assert re.match(
+            r"cannot write checkpoint '(best-loss|last|state-0000000016-epoch-end)' .*"
+            r"No space left on device",
+            failed.group(1),
+        )
+    assert "written in the background (asynchronous=True)" in output
+    found = checkpoint.find_training_state(Maps(maps))
+    assert found is not None and found.path.name == "state-0000000008-epoch-end"
+    for folder in ("training", "checkpoints"):
+        assert not [p.name for p in (maps / folder).iterdir() if p.name.startswith(".")]
+    Maps(maps).check_unlocked()
+    filler.unlink()
+    resumed = tmp_path / "resumed"
+    returncode, output = run_group(job_command(maps, resumed, *options, "--resume"))
+    assert returncode == 0, output[-6000:]
+    recorded = json.loads((maps / "maps.json").read_text())
+    resumed_from = [c["resumed_from"]["state"] for c in recorded["calls"] if "resumed_from" in c]
+    assert resumed_from == ["state-0000000008-epoch-end"]
+    for rank in (0, 1):
+        weights = torch.load(resumed / f"rank{rank}.pt")
+        assert_equal_weights(weights, straight.weights(rank))

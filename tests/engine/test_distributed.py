@@ -79,24 +79,37 @@ def launch(
 ) -> Run:
     """Run the job under torchrun (by default when ``processes`` > 1) or as a plain script."""
     maps, out = directory / name / "maps", directory / name / "out"
-    job = [str(JOB), str(maps), str(out), *options]
-    if processes > 1 if torchrun is None else torchrun:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={processes}",
-            f"--max-restarts={max_restarts}",
-            "--monitor-interval=0.2",
-            *job,
-        ]
-    else:
-        command = [sys.executable, *job]
+    command = job_command(
+        maps, out, *options, processes=processes, max_restarts=max_restarts, torchrun=torchrun
+    )
     started = time.perf_counter()
     returncode, output = run_group(command)
     assert returncode == 0, output[-6000:]
     return Run(maps, out, output, time.perf_counter() - started)
+
+
+def job_command(
+    maps: Path,
+    out: Path,
+    *options: str,
+    processes: int = 2,
+    max_restarts: int = 0,
+    torchrun: bool | None = None,
+) -> list[str]:
+    """The command line of the job: under torchrun, or a plain script for one process."""
+    job = [str(JOB), str(maps), str(out), *options]
+    if not (processes > 1 if torchrun is None else torchrun):
+        return [sys.executable, *job]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        f"--max-restarts={max_restarts}",
+        "--monitor-interval=0.2",
+        *job,
+    ]
 
 
 def run_group(command: list[str], timeout: float = 240) -> tuple[int, str]:

@@ -105,6 +105,21 @@ def test_sharded_training_with_clipping_ends_with_the_weights_of_one_process(
 
 
 @pytest.mark.slow
+def test_a_compiled_model_trains_under_fsdp_as_in_one_process(
+    runs: dict[str, Run], scratch: Path
+) -> None:
+    # compile=True replaces the model's steps with compiled ones; FSDP's root still runs them
+    # between its gathers. The eager backend traces with TorchDynamo without a C++ compiler.
+    compiled = ("--compile-backend", "eager")
+    sharded = shared(runs, "fsdp-compiled", scratch, *CLIPPED, *FSDP, *compiled)
+    alone = shared(runs, "alone-clipped", scratch, *CLIPPED, "--batch-size", "16", processes=1)
+    recorded = json.loads((sharded.maps / "maps.json").read_text())
+    assert recorded["trainer"]["compile"] == {"backend": "eager"}
+    assert sharded.summary(0)["global_step"] == 24
+    assert_close_weights(sharded.weights(0), alone.weights(0))
+
+
+@pytest.mark.slow
 def test_accumulation_under_fsdp_matches_one_process(runs: dict[str, Run], scratch: Path) -> None:
     options = (*COMMON, "--accumulate", "3")
     sharded = shared(runs, "fsdp-accumulate", scratch, *options, *FSDP)

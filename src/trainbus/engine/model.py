@@ -244,8 +244,8 @@ def supervised_step(model: Model) -> SupervisedModel | None:
     """``model`` when its training step is SupervisedModel's own, else None.
 
     The loop then applies the network and the loss itself, one Python call fewer per step,
-    exactly as :meth:`SupervisedModel.forward_step` does for an ``(inputs, target)`` tuple. A
-    subclass that overrides ``forward_step``, or a compiled one, is called as usual.
+    exactly as :meth:`SupervisedModel.forward_step` does for an ``(inputs, target)`` tuple or
+    list. A subclass that overrides ``forward_step``, or a compiled one, is called as usual.
     """
     if isinstance(model, SupervisedModel) and own_method(model, "forward_step", SupervisedModel):
         return model
@@ -253,6 +253,9 @@ def supervised_step(model: Model) -> SupervisedModel | None:
 
 
 def own_method(model: Model, name: str, owner: type[Model] = Model) -> bool:
-    """Whether ``model.<name>`` is ``owner``'s own: not overridden by a subclass, nor replaced
-    on the instance (as ``compile=True`` replaces the steps)."""
+    """Whether ``model.<name>`` is ``owner``'s own method, unchanged.
+
+    False when a subclass overrides it or when it was replaced on the instance (as
+    ``compile=True`` replaces the steps).
+    """
     return getattr(type(model), name) is getattr(owner, name) and name not in vars(model)
