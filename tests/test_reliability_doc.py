@@ -44,3 +44,23 @@ def test_every_fault_the_suite_injects_is_in_the_published_table() -> None:
     assert all(trials >= 1 and passed == trials for trials, passed in rows.values())
     random_kills = next(v for k, v in rows.items() if k.startswith("SIGKILL at a random point"))
     assert random_kills[0] >= 20  # the slow mode's trials
+
+
+def test_every_fault_marker_decorates_a_test() -> None:
+    # A marker left on a helper (a class inserted between it and its test) marks no trial:
+    # the fault would silently drop out of the published table.
+    misplaced = []
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.ClassDef):
+                continue
+            is_test = node.name.startswith("test_" if isinstance(node, ast.FunctionDef) else "Test")
+            for decorator in node.decorator_list:
+                if (
+                    isinstance(decorator, ast.Call)
+                    and isinstance(decorator.func, ast.Attribute)
+                    and decorator.func.attr == "fault"
+                    and not is_test
+                ):
+                    misplaced.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert misplaced == []

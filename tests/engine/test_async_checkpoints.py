@@ -264,12 +264,6 @@ def test_asynchronous_weights_keep_the_same_ranking_and_files_as_synchronous_one
         assert mine == theirs, name
 
 
-@pytest.mark.fault(
-    "A full disk during an asynchronous training-state write (a real 4 MiB tmpfs)",
-    outcome="the error (ENOSPC, named) is raised at the next boundary (the next epoch's end) "
-    "and stops training there; the previous state verifies, nothing is half-written, the MAPS "
-    "is unlocked",
-)
 class FillerAfterCommit(DiskFiller):
     """Fills the disk once the previous background write is done: only the next one fails.
 
@@ -293,6 +287,12 @@ class FillerAfterCommit(DiskFiller):
         super().on_epoch_end(state=state)
 
 
+@pytest.mark.fault(
+    "A full disk during an asynchronous training-state write (a real 4 MiB tmpfs)",
+    outcome="the error (ENOSPC, named) is raised at the next boundary (the next epoch's end) "
+    "and stops training there; the previous state verifies, nothing is half-written, the MAPS "
+    "is unlocked",
+)
 def test_a_failed_background_write_stops_training_at_the_next_boundary(
     small_disk: Path,  # noqa: F811  # the fixture imported above
 ) -> None:
