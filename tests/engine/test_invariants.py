@@ -29,6 +29,7 @@ from trainbus.errors import (
     ConfigurationError,
     DataError,
     ModelContractError,
+    TrainbusWarning,
 )
 
 
@@ -366,3 +367,22 @@ def test_a_loader_whose_len_raises_is_treated_as_unsized(
 
     state = quiet_trainer(max_epochs=2).train(NoLength())
     assert (state.iteration, state.num_batches) == (12, None)
+
+
+def test_a_save_asked_at_teardown_is_named_as_not_written(
+    quiet_trainer: Callable[..., Trainer], maps_path: Path
+) -> None:
+    trainer = quiet_trainer(max_epochs=1)
+
+    @trainer.on("teardown", id="late-saver")
+    def late(*, state: TrainerState) -> SaveCheckpoint:
+        return SaveCheckpoint("late")
+
+    with pytest.warns(TrainbusWarning, match=r"not written: SaveCheckpoint.* from late-saver at "):
+        trainer.train(make_loader())
+    assert not (maps_path / "checkpoints" / "late").exists()
+    # Asked at train_end, the same save is written at training's last boundary.
+    again = quiet_trainer(max_epochs=1, overwrite=True)
+    again.on("train_end", id="in-time")(late)
+    again.train(make_loader())
+    assert (maps_path / "checkpoints" / "late").is_dir()

@@ -27,6 +27,26 @@ def reliable_length(loader: Iterable[Any]) -> int | None:
     return length(loader)
 
 
+def no_batches(loader: Iterable[Any] | None, epoch: int, *, again: bool) -> DataError:
+    """The error for a train loader that gave no batch at ``epoch`` (0-based).
+
+    ``again``: an earlier epoch of this call had batches; a loader that is its own iterator
+    (a generator) was then used up by that epoch.
+    """
+    if again and loader is not None and iter(loader) is loader:
+        return DataError(
+            f"train_loader yielded no batches at epoch {epoch + 1} after yielding batches "
+            f"before: {type(loader).__name__} is a one-shot iterator (a generator?), "
+            "exhausted by the first epoch; pass something that can be iterated again every "
+            "epoch, such as a DataLoader or a list of batches"
+        )
+    return DataError(
+        f"train_loader yielded no batches{f' at epoch {epoch + 1}' if epoch else ''}; check "
+        "that the dataset is not empty and that batch_size is not larger than the dataset "
+        "with drop_last=True"
+    )
+
+
 def reuses_workers(loader: object) -> bool:
     return isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0
 

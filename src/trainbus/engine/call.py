@@ -204,7 +204,7 @@ class CallRunner:
                         )
             deterministic.__exit__()
             engine.state.update(stage="idle")
-            engine.policy.end_call()
+            engine.policy.end_call(failed=(error or teardown_error) is not None)
             self._record_end(call, error or teardown_error)
         except Exception as end_error:
             first = error or teardown_error

@@ -21,6 +21,7 @@ from trainbus.engine.batches import (
     detached_all,
     loss_of,
     named_losses,
+    no_batches,
     reuses_workers,
 )
 from trainbus.engine.compute import batch_size, move_to, with_last
@@ -46,7 +47,7 @@ from trainbus.engine.stepping import (
     optimizer_step,
     release_reduction,
 )
-from trainbus.errors import DataError, TrainbusWarning
+from trainbus.errors import TrainbusWarning
 from trainbus.events.commands import Request, Stop
 
 NONFINITE_SOURCE = "trainbus.nonfinite_loss"
@@ -402,7 +403,8 @@ class TrainingLoop:
             dispatcher.agree(only_if_due=True)
             self.boundary(Boundary.STEP, "batch_end")
         if not seen_any and first == 0:
-            self._no_batches()
+            epoch = self.position["epoch"]
+            raise no_batches(self.train_loader, epoch, again=epoch > self._first_epoch)
         return True
 
     def _within_epoch(
@@ -451,21 +453,6 @@ class TrainingLoop:
     def _out_of_time(self) -> bool:
         """Whether ``max_time`` is spent; in a distributed run rank 0's clock decides."""
         return self.engine.placement.is_main and self.limits.out_of_time()
-
-    def _no_batches(self) -> None:
-        epoch = self.position["epoch"]
-        if epoch > self._first_epoch and iter(self.train_loader or ()) is self.train_loader:
-            raise DataError(
-                f"train_loader yielded no batches at epoch {epoch + 1} after yielding batches "
-                f"before: {type(self.train_loader).__name__} is a one-shot iterator (a "
-                "generator?), exhausted by the first epoch; pass something that can be "
-                "iterated again every epoch, such as a DataLoader or a list of batches"
-            )
-        raise DataError(
-            f"train_loader yielded no batches{f' at epoch {epoch + 1}' if epoch else ''}; check "
-            "that the dataset is not empty and that batch_size is not larger than the dataset "
-            "with drop_last=True"
-        )
 
     def _skip_nonfinite(self, loss: torch.Tensor) -> None:
         self.skipped_nonfinite += 1

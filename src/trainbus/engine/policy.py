@@ -89,8 +89,21 @@ class CommandPolicy:
         """The call's loop has ended (or failed): from now on a stop has nothing to stop."""
         self.closed = True
 
-    def end_call(self) -> None:
-        """Forget what the call left undone (a request made in ``teardown`` has no boundary)."""
+    def end_call(self, *, failed: bool = False) -> None:
+        """Forget what the call left undone: a save asked after its last boundary.
+
+        Such a request (at ``teardown``, or at a ``checkpoint`` event of the last background
+        write) has no boundary left to be written at; unless the call failed, a warning names
+        each one.
+        """
+        if self.pending and not failed:
+            asked = "; ".join(f"{r.command!r} from {r.source} at {r.event!r}" for r in self.pending)
+            warnings.warn(
+                f"not written: {asked}: asked after the call's last boundary, where nothing "
+                "is saved any more; ask for it at train_end (or earlier) instead",
+                TrainbusWarning,
+                stacklevel=2,
+            )
         self.pending.clear()
         self._record = None
         self.training = False
