@@ -37,7 +37,7 @@ NO_EFFECT: dict[str, str] = {
     # The failing call is over: what exception handlers return is discarded.
     "exception": "none (discarded)",
     # The call is ending: no boundary is left to carry a request out.
-    "teardown": "none (the call is over)",
+    "teardown": "none (the call is over; a warning names a save asked here)",
 }
 """Events where a command a handler returns has no effect (``tests/test_docs.py`` checks it)."""
 
