@@ -7,9 +7,9 @@ and asks, at each boundary, what to carry out. The rules keep a resume exact:
   leaves the epoch at the end of the current step; a final stop drops an open accumulation
   group, a resumable stop (a pause) trains on to the end of the group, so that the training
   state it writes continues exactly. Once the training loop has ended (``train_end``, a
-  background write's ``checkpoint`` after it, ``exception``, ``teardown``) a stop has
-  nothing to stop: it is kept in the call's record, named in a warning, and not reported as
-  the run's stop.
+  background write's ``checkpoint`` after it, ``teardown``) a stop has nothing to stop: it
+  is kept in the call's record, named in a warning, and not reported as the run's stop.
+  What ``exception`` handlers return is discarded.
 - :class:`~trainbus.SkipStep` acts only at the skippable event that returned it; the loop
   decides it right there.
 - :class:`~trainbus.SaveCheckpoint` (weights) is written at the next boundary: the end of a
