@@ -152,10 +152,7 @@ class SupervisedModel(Model):
 
     def forward_step(self, batch: Any) -> StepOutput:
         """The loss of one ``(inputs, target)`` batch."""
-        if (type(batch) is tuple or type(batch) is list) and len(batch) == 2:
-            inputs, target = batch  # the common case, one call fewer per step
-        else:
-            inputs, target = _split(batch, "forward_step")
+        inputs, target = _split(batch, "forward_step")
         loss: torch.Tensor = self._step_loss(self._step_network(inputs), target)
         return loss
 
