@@ -291,7 +291,12 @@ class Trainer(Subscribing):
     # ---------------------------------------------------------------- what it holds
     @property
     def state(self) -> TrainerState:
-        """The current state snapshot."""
+        """The current state snapshot.
+
+        Exact at every event. With no subscriber on a step event, the step counters are
+        written in at log steps and boundaries only, so between them they may lag the loop
+        by up to one log interval (see the TrainerState reference).
+        """
         return self._engine.state.snapshot()
 
     @property

@@ -9,8 +9,6 @@ position, its epoch-start generator states and its loss accumulator: they live h
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -28,7 +26,7 @@ from trainbus.engine.compute import batch_size, move_to, with_last
 from trainbus.engine.core import Engine, learning_rates, rates_moved
 from trainbus.engine.evaluation import Evaluation
 from trainbus.engine.limits import Limits, check_interval, epoch_batches, epoch_cap, take
-from trainbus.engine.loss_tracking import FOLD_EVERY, LossTracker
+from trainbus.engine.loss_tracking import FOLD_EVERY, LossTracker, log_mean, warn_skipped
 from trainbus.engine.model import supervised_step
 from trainbus.engine.policy import Boundary, BoundaryHook
 from trainbus.engine.resume import (
@@ -47,12 +45,6 @@ from trainbus.engine.stepping import (
     optimizer_step,
     release_reduction,
 )
-from trainbus.errors import TrainbusWarning
-from trainbus.events.commands import Request, Stop
-
-NONFINITE_SOURCE = "trainbus.nonfinite_loss"
-"""``state.stopped_by`` when a NaN or infinite training loss stopped training."""
-
 
 STEP_EVENTS = (
     "batch_start",
@@ -80,7 +72,6 @@ class TrainingLoop:
         self.random_before_validation: RandomStates | None = None
         """The generators as a running validation found them: a training state written when
         a signal cut that validation short holds these, so that the resume redoes it exactly."""
-        self.skipped_nonfinite = 0
         self.evaluation = Evaluation(engine, boundary)
         self.limits = Limits(engine.settings)
         """The step and time limits of the running ``train()`` call."""
@@ -213,7 +204,10 @@ class TrainingLoop:
         The hot path: what a step reads is bound to locals first; each step event has an
         emitter bound to this loop (:meth:`Dispatcher.emitters`, rebound when a subscription
         comes or goes), None when nobody listens; named losses are built and detached only
-        for subscribers that ask for them.
+        for subscribers that ask for them. When no step event is heard and every batch is
+        one direct optimizer step, the step counters stay in locals and reach the state
+        (:meth:`_publish`) only where something can read them: log steps, boundaries, a
+        subscription change, the loop's exit (an exception included).
         """
         engine = self.engine
         model, state, policy, dispatcher = (
@@ -249,6 +243,7 @@ class TrainingLoop:
         emitters = self.emitters
         checks = self.limits.active or (interval is not None and val_loader is not None)
         fold_every = FOLD_EVERY
+        may_defer = direct is not None and not checks and group is None and not skip_nonfinite
         bound = -1
         batch_start = forward_start = backward_start = backward_end = batch_end = None
         step_start = step_end = None
@@ -258,144 +253,172 @@ class TrainingLoop:
         output: Any = None
         known = total is not None
         source = enumerate(batches, first) if known else enumerate(with_last(batches), first)
-        for batch_idx, item in source:
-            if known:
-                batch = item
-                is_last = batch_idx + 1 == total
-            else:
-                batch, is_last = item
-            seen_any = True
-            if bus.version != bound:
-                emitters.update(dispatcher.emitters(STEP_EVENTS))
-                bound = bus.version
-                (
-                    batch_start,
-                    forward_start,
-                    backward_start,
-                    backward_end,
-                    batch_end,
-                    step_start,
-                    step_end,
-                ) = (emitters[event] for event in STEP_EVENTS)
-            # One change per batch start: samples_seen counts this batch from batch_start on.
-            if (
-                (type(batch) is tuple or type(batch) is list)
-                and batch
-                and type(head := batch[0]) is torch.Tensor
-                and head.ndim
-            ):
-                samples = head.size(0)  # the common case: no call, no torch.Size built
-            else:
-                samples = batch_size(batch)
-            iteration = values["iteration"] + 1
-            values["batch_idx"] = batch_idx
-            values["iteration"] = iteration
-            values["samples_seen"] += samples * world_size
-            state.cached = None
-            # The previous step's loss (and its autograd graph) is let go when this step's
-            # forward rebinds it, as in a hand-written loop, not before the forward.
-            if batch_start is None or not batch_start(batch):
-                if moves_batches:
-                    batch = move_to(batch, device)
-                if forward_start is not None:
-                    forward_start(batch)
-                if sync_gradients is not None:
-                    # Gradients are averaged across ranks at the backward that closes a group.
-                    sync_gradients(policy.open_group + 1 >= accumulate or is_last)
-                if autocast is not None:
-                    with autocast():
-                        output = forward(batch)
-                elif (
-                    supervised is not None
-                    and (type(batch) is tuple or type(batch) is list)
-                    and len(batch) == 2
+        # The counters live in locals; ``values`` gets them at once, or, while nothing can
+        # read them (``deferred``), at the next log step, boundary, subscription change or exit.
+        iteration, seen, steps = values["iteration"], values["samples_seen"], values["global_step"]
+        offset = iteration + 1 - first  # batch_idx == iteration - offset, in either mode
+        done_base = first - steps  # while deferred, one step per batch: done == done_base + steps
+        deferred = False
+        try:
+            for batch_idx, item in source:
+                if known:
+                    batch = item
+                    is_last = batch_idx + 1 == total
+                else:
+                    batch, is_last = item
+                seen_any = True
+                if bus.version != bound:
+                    if deferred:
+                        self._publish(iteration - offset, iteration, seen, steps, batch_idx)
+                    emitters.update(dispatcher.emitters(STEP_EVENTS))
+                    bound = bus.version
+                    (
+                        batch_start,
+                        forward_start,
+                        backward_start,
+                        backward_end,
+                        batch_end,
+                        step_start,
+                        step_end,
+                    ) = (emitters[event] for event in STEP_EVENTS)
+                    # Nobody can read the counters during a step: no step event is heard, no
+                    # check or skip reads the state, and every batch is one direct step.
+                    deferred = may_defer and all(emitters[event] is None for event in STEP_EVENTS)
+                    done_base = batch_idx - steps
+                # One change per batch start: samples_seen counts this batch from batch_start on.
+                if (
+                    (type(batch) is tuple or type(batch) is list)
+                    and batch
+                    and type(head := batch[0]) is torch.Tensor
+                    and head.ndim
                 ):
-                    # SupervisedModel.forward_step, one Python call fewer per step.
-                    output = supervised._step_loss(supervised._step_network(batch[0]), batch[1])
+                    samples = head.size(0)  # the common case: no call, no torch.Size built
                 else:
-                    output = forward(batch)
-                if type(output) is torch.Tensor and output.ndim == 0 and output.requires_grad:
-                    loss = output  # the common case, checked without a call
-                else:
-                    loss = loss_of(output)
-                finite = not skip_nonfinite or all_finite(engine, loss)
-                if not finite:
-                    self._skip_nonfinite(loss)
-                    release_reduction(engine)
-                elif backward_start is not None and backward_start(
-                    batch,
-                    loss,
-                    named_losses(output) if "losses" in wanted.get("backward_start", ()) else None,
-                ):
-                    release_reduction(engine)
-                else:
-                    scaled = loss / accumulate if accumulate > 1 else loss
-                    if scaler is not None:
-                        scaled = scaler.scale(scaled)
-                    backward(scaled)
-                    if direct is None:
-                        policy.open_group += 1
-                    if backward_end is not None:
-                        asked = wanted.get("backward_end", ())
-                        backward_end(
-                            batch, loss, named_losses(output) if "losses" in asked else None
-                        )
-                    if direct is None:
-                        if policy.open_group == accumulate or is_last:
-                            optimizer_step(engine, policy.open_group)
-                            policy.open_group = 0
-                    # The direct path steps every batch (no accumulation): no group is ever open.
-                    elif step_start is not None and step_start(optimizers):
-                        direct.zero_grad(set_to_none=True)
+                    samples = batch_size(batch)
+                iteration += 1
+                seen += samples * world_size
+                if not deferred:
+                    values["batch_idx"] = batch_idx
+                    values["iteration"] = iteration
+                    values["samples_seen"] = seen
+                    state.cached = None
+                # The previous step's loss (and its autograd graph) is let go when this step's
+                # forward rebinds it, as in a hand-written loop, not before the forward.
+                if batch_start is None or not batch_start(batch):
+                    if moves_batches:
+                        batch = move_to(batch, device)
+                    if forward_start is not None:
+                        forward_start(batch)
+                    if sync_gradients is not None:
+                        # Gradients are averaged across ranks at the backward that closes a group.
+                        sync_gradients(policy.open_group + 1 >= accumulate or is_last)
+                    if autocast is not None:
+                        with autocast():
+                            output = forward(batch)
+                    elif (
+                        supervised is not None
+                        and (type(batch) is tuple or type(batch) is list)
+                        and len(batch) == 2
+                    ):
+                        # SupervisedModel.forward_step, one Python call fewer per step.
+                        output = supervised._step_loss(supervised._step_network(batch[0]), batch[1])
                     else:
-                        direct.step()
-                        direct.zero_grad(set_to_none=True)
-                        values["global_step"] += 1
-                        state.cached = None
-                        # Tensor learning rates are read at log intervals only: comparing them
-                        # would be a host-device sync.
-                        recorded, groups = values["learning_rates"], direct.param_groups
-                        if not tensor_rates and (
-                            (groups[0]["lr"],) != recorded
-                            if len(groups) == 1
-                            else rates_moved(optimizers, recorded)
-                        ):
-                            state.update(**learning_rates(optimizers, read_tensors=True))
-                        if step_end is not None:
-                            step_end(optimizers)
-                if finite:
-                    # Kept on the device, folded every FOLD_EVERY iterations and read at log
-                    # intervals only (a host-device sync); appending launches no kernel.
-                    track(loss.detach())
-            else:
-                loss = output = None
-            position["batches_done"] = batch_idx + 1
-            log_step = iteration % log_every == 0 or is_last
-            if log_step:
-                self._log_loss()
-            elif iteration % fold_every == 0:
-                self.losses.fold()
-            # Distributed: emitted on every rank (its emitter is never None), so that each
-            # knows when to agree, even where the subscribers run on rank 0 only.
-            if batch_end is not None:
-                asked = wanted.get("batch_end", ())
-                batch_end(
-                    batch,
-                    None if loss is None or "loss" not in asked else loss.detach(),
-                    None if loss is None or "losses" not in asked else detached_all(output),
-                )
-            if checks and not is_last:
-                self._within_epoch(batch_idx, val_loader, interval)
-            if group is not None:
-                dispatcher.agree(only_if_due=not log_step)
-            if pending or signals.received or (group is not None and dispatcher.agreed_signal):
-                self.boundary(Boundary.STEP, "batch_end")
-            if values["stopped_by"] is not None and not stop_before_epoch and policy.ends_epoch:
-                if policy.open_group:
-                    # A final stop drops the open accumulation group.
-                    policy.open_group = 0
-                    engine.zero_grad()
-                return False
+                        output = forward(batch)
+                    if type(output) is torch.Tensor and output.ndim == 0 and output.requires_grad:
+                        loss = output  # the common case, checked without a call
+                    else:
+                        loss = loss_of(output)
+                    finite = not skip_nonfinite or all_finite(engine, loss)
+                    if not finite:
+                        warn_skipped(engine, loss)
+                        release_reduction(engine)
+                    elif backward_start is not None and backward_start(
+                        batch,
+                        loss,
+                        named_losses(output)
+                        if "losses" in wanted.get("backward_start", ())
+                        else None,
+                    ):
+                        release_reduction(engine)
+                    else:
+                        scaled = loss / accumulate if accumulate > 1 else loss
+                        if scaler is not None:
+                            scaled = scaler.scale(scaled)
+                        backward(scaled)
+                        if direct is None:
+                            policy.open_group += 1
+                        if backward_end is not None:
+                            asked = wanted.get("backward_end", ())
+                            backward_end(
+                                batch, loss, named_losses(output) if "losses" in asked else None
+                            )
+                        if direct is None:
+                            if policy.open_group == accumulate or is_last:
+                                optimizer_step(engine, policy.open_group)
+                                policy.open_group = 0
+                                steps = values["global_step"]
+                        # The direct path steps every batch (no accumulation): no group is open.
+                        elif step_start is not None and step_start(optimizers):
+                            direct.zero_grad(set_to_none=True)
+                        else:
+                            direct.step()
+                            direct.zero_grad(set_to_none=True)
+                            steps += 1
+                            if not deferred:
+                                values["global_step"] = steps
+                                state.cached = None
+                            # Tensor learning rates are read at log intervals only: comparing them
+                            # would be a host-device sync.
+                            recorded, groups = values["learning_rates"], direct.param_groups
+                            if not tensor_rates and (
+                                (groups[0]["lr"],) != recorded
+                                if len(groups) == 1
+                                else rates_moved(optimizers, recorded)
+                            ):
+                                state.update(**learning_rates(optimizers, read_tensors=True))
+                            if step_end is not None:
+                                step_end(optimizers)
+                    if finite:
+                        # Kept on the device, folded every FOLD_EVERY iterations and read at log
+                        # intervals only (a host-device sync); appending launches no kernel.
+                        track(loss.detach())
+                else:
+                    loss = output = None
+                if not deferred:
+                    position["batches_done"] = batch_idx + 1
+                log_step = iteration % log_every == 0 or is_last
+                if log_step:
+                    if deferred:
+                        self._publish(batch_idx, iteration, seen, steps, batch_idx + 1)
+                    log_mean(engine, self.losses)
+                elif iteration % fold_every == 0:
+                    self.losses.fold()
+                # Distributed: emitted on every rank (its emitter is never None), so that each
+                # knows when to agree, even where the subscribers run on rank 0 only.
+                if batch_end is not None:
+                    asked = wanted.get("batch_end", ())
+                    batch_end(
+                        batch,
+                        None if loss is None or "loss" not in asked else loss.detach(),
+                        None if loss is None or "losses" not in asked else detached_all(output),
+                    )
+                if checks and not is_last:
+                    self._within_epoch(batch_idx, val_loader, interval)
+                if group is not None:
+                    dispatcher.agree(only_if_due=not log_step)
+                if pending or signals.received or (group is not None and dispatcher.agreed_signal):
+                    if deferred:
+                        self._publish(batch_idx, iteration, seen, steps, batch_idx + 1)
+                    self.boundary(Boundary.STEP, "batch_end")
+                if values["stopped_by"] is not None and not stop_before_epoch and policy.ends_epoch:
+                    if policy.open_group:
+                        # A final stop drops the open accumulation group.
+                        policy.open_group = 0
+                        engine.zero_grad()
+                    return False
+        finally:
+            if deferred:
+                self._publish(iteration - offset, iteration, seen, steps, done_base + steps)
         if policy.open_group:
             # The last batch was skipped while a group was open: step what was accumulated.
             optimizer_step(engine, policy.open_group)
@@ -406,6 +429,15 @@ class TrainingLoop:
             epoch = self.position["epoch"]
             raise no_batches(self.train_loader, epoch, again=epoch > self._first_epoch)
         return True
+
+    def _publish(
+        self, batch_idx: int, iteration: int, seen: int, steps: int, batches_done: int
+    ) -> None:
+        """Write the counters a step kept in locals into the state and the position."""
+        self.engine.state.update(
+            batch_idx=batch_idx, iteration=iteration, samples_seen=seen, global_step=steps
+        )
+        self.position["batches_done"] = batches_done
 
     def _within_epoch(
         self, batch_idx: int, val_loader: Iterable[Any] | None, interval: int | None
@@ -453,38 +485,6 @@ class TrainingLoop:
     def _out_of_time(self) -> bool:
         """Whether ``max_time`` is spent; in a distributed run rank 0's clock decides."""
         return self.engine.placement.is_main and self.limits.out_of_time()
-
-    def _skip_nonfinite(self, loss: torch.Tensor) -> None:
-        self.skipped_nonfinite += 1
-        snapshot = self.engine.state.snapshot()
-        warnings.warn(
-            f"the loss of training step {snapshot.iteration} (epoch {snapshot.current_epoch + 1}, "
-            f"batch {snapshot.batch_idx}) is {float(loss.detach())}; the batch was skipped "
-            "(nonfinite_loss='skip'): no backward, no optimizer update",
-            TrainbusWarning,
-            stacklevel=5,
-        )
-
-    def _log_loss(self) -> None:
-        if not self.losses:
-            return
-        engine = self.engine
-        mean_tensor, count = self.losses.take_mean()
-        group = engine.dispatcher.group
-        if group is not None:
-            mean_tensor = group.mean(mean_tensor)
-        mean = float(mean_tensor.item())  # host-device sync
-        if not math.isfinite(mean) and engine.settings.nonfinite_loss == "stop":
-            last = engine.state.get("iteration")
-            reason = (
-                f"the training loss is {mean} over steps {last - count + 1}-{last} (not "
-                "finite): training stopped instead of going on with broken weights; lower the "
-                "learning rate, clip gradients (gradient_clip_val=...) or check the data, or "
-                "pass nonfinite_loss='skip' to skip such batches"
-            )
-            engine.policy.accept([Request(Stop(reason), NONFINITE_SOURCE, "loss_logged")])
-        engine.state.update(train_loss=mean, **learning_rates(engine.optimizers, read_tensors=True))
-        engine.dispatcher.emit("loss_logged", train_loss=mean)
 
     def restore_pending_random(self) -> None:
         """Put every generator back as it was when the resumed state was written."""
