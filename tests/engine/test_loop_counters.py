@@ -118,7 +118,7 @@ def acting_model(call: int, action: Callable[[], None]) -> SupervisedModel:
 
 
 def fail() -> None:
-    raise RuntimeError("forward call 9 fails")
+    raise RuntimeError("this forward call fails")
 
 
 def test_a_subscription_made_while_a_step_runs_sees_the_current_counters(
@@ -161,13 +161,47 @@ def test_the_position_stays_exact_when_batches_and_steps_differ(
     assert counters(TrainerState(**document["state"])) == (3, 4, 32, 3)
 
 
+class HalvingSGD(torch.optim.SGD):
+    """SGD that halves its own learning rate after every step."""
+
+    def step(self, closure: Any = None) -> Any:
+        loss = super().step(closure)
+        for group in self.param_groups:
+            group["lr"] *= 0.5
+        return loss
+
+
+@pytest.mark.parametrize("step_subscriber", [False, True])
+def test_learning_rates_an_optimizer_changes_itself_are_exact_where_read(
+    quiet_trainer: Any, step_subscriber: bool
+) -> None:
+    model = SupervisedModel(
+        ActsOnCall(8, fail),
+        nn.CrossEntropyLoss(),
+        optimizer=functools.partial(HalvingSGD, lr=1.0),
+    )
+    trainer = quiet_trainer(model=model, log_every_n_batches=4)
+    seen: list[tuple[str, Any]] = []
+    for event in ("loss_logged", "exception"):
+        trainer.on(event)(lambda *, state, event=event: seen.append((event, state.learning_rates)))
+    if step_subscriber:
+        trainer.on("batch_start")(lambda: None)
+    with pytest.raises(RuntimeError, match="this forward call fails"):
+        trainer.train(make_loader())
+    assert seen == [
+        ("loss_logged", (0.5**4,)),
+        ("loss_logged", (0.5**6,)),
+        ("exception", (0.5**7,)),  # step 8 failed: 7 steps done, its rate not logged yet
+    ]
+
+
 def test_an_exception_mid_step_is_reported_with_the_counters_of_that_step(
     quiet_trainer: Any,
 ) -> None:
     trainer = quiet_trainer(model=acting_model(9, fail), log_every_n_batches=50)
     reported: list[tuple[int, int, int, int]] = []
     trainer.on("exception")(lambda *, state: reported.append(counters(state)))
-    with pytest.raises(RuntimeError, match="forward call 9 fails"):
+    with pytest.raises(RuntimeError, match="this forward call fails"):
         trainer.train(make_loader())
     # Step 9 (epoch 2, batch 3) had started: it counts its samples, not its optimizer step.
     assert reported == [(2, 9, 72, 8)]

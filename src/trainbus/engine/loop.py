@@ -205,17 +205,13 @@ class TrainingLoop:
         emitter bound to this loop (:meth:`Dispatcher.emitters`, rebound when a subscription
         comes or goes), None when nobody listens; named losses are built and detached only
         for subscribers that ask for them. When no step event is heard and every batch is
-        one direct optimizer step, the step counters stay in locals and reach the state
-        (:meth:`_publish`) only where something can read them: log steps, boundaries, a
-        subscription change, the loop's exit (an exception included).
+        one direct optimizer step, the step counters stay in locals and reach the state, with
+        the learning rates (:meth:`_publish`), only where something can read them: log steps,
+        boundaries, a subscription change, the loop's exit (an exception included).
         """
         engine = self.engine
-        model, state, policy, dispatcher = (
-            engine.model,
-            engine.state,
-            engine.policy,
-            engine.dispatcher,
-        )
+        model, state, policy = engine.model, engine.state, engine.policy
+        dispatcher = engine.dispatcher
         bus = engine.bus
         wanted = bus.wanted
         signals = dispatcher.signals
@@ -367,17 +363,17 @@ class TrainingLoop:
                             if not deferred:
                                 values["global_step"] = steps
                                 state.cached = None
-                            # Tensor learning rates are read at log intervals only: comparing them
-                            # would be a host-device sync.
-                            recorded, groups = values["learning_rates"], direct.param_groups
-                            if not tensor_rates and (
-                                (groups[0]["lr"],) != recorded
-                                if len(groups) == 1
-                                else rates_moved(optimizers, recorded)
-                            ):
-                                state.update(**learning_rates(optimizers, read_tensors=True))
-                            if step_end is not None:
-                                step_end(optimizers)
+                                # Tensor learning rates are read at log intervals only:
+                                # comparing them would be a host-device sync.
+                                recorded, groups = values["learning_rates"], direct.param_groups
+                                if not tensor_rates and (
+                                    (groups[0]["lr"],) != recorded
+                                    if len(groups) == 1
+                                    else rates_moved(optimizers, recorded)
+                                ):
+                                    state.update(**learning_rates(optimizers, read_tensors=True))
+                                if step_end is not None:
+                                    step_end(optimizers)
                     if finite:
                         # Kept on the device, folded every FOLD_EVERY iterations and read at log
                         # intervals only (a host-device sync); appending launches no kernel.
@@ -433,11 +429,16 @@ class TrainingLoop:
     def _publish(
         self, batch_idx: int, iteration: int, seen: int, steps: int, batches_done: int
     ) -> None:
-        """Write the counters a step kept in locals into the state and the position."""
-        self.engine.state.update(
+        """Write what deferred steps kept in locals into the state: counters, position, rates."""
+        engine = self.engine
+        engine.state.update(
             batch_idx=batch_idx, iteration=iteration, samples_seen=seen, global_step=steps
         )
         self.position["batches_done"] = batches_done
+        if not engine.tensor_rates and rates_moved(
+            engine.optimizers, engine.state.values["learning_rates"]
+        ):
+            engine.state.update(**learning_rates(engine.optimizers, read_tensors=True))
 
     def _within_epoch(
         self, batch_idx: int, val_loader: Iterable[Any] | None, interval: int | None
