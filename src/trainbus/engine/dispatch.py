@@ -116,9 +116,9 @@ class Dispatcher:
             accept(found)
             return merge(found).skip is not None
 
-        snapshot = self.state.snapshot
-        plain = Binding(snapshot, self.model, self.maps, handle, None)
-        skippable = Binding(snapshot, self.model, self.maps, handle_skip, False)
+        keeper = self.state
+        plain = Binding(keeper.snapshot, self.model, self.maps, handle, None, keeper)
+        skippable = Binding(keeper.snapshot, self.model, self.maps, handle_skip, False, keeper)
         return {
             event: self.bus.bind(event, skippable if specs[event].skippable else plain)
             for event in events

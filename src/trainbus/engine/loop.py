@@ -240,9 +240,7 @@ class TrainingLoop:
         checks = self.limits.active or (interval is not None and val_loader is not None)
         fold_every = FOLD_EVERY
         may_defer = direct is not None and not checks and group is None and not skip_nonfinite
-        bound = -1
-        batch_start = forward_start = backward_start = backward_end = batch_end = None
-        step_start = step_end = None
+        bound = -1  # bus.version starts at 0: the first batch binds the emitters
         seen_any = False
         batch: Any
         loss: torch.Tensor | None = None
@@ -280,6 +278,10 @@ class TrainingLoop:
                     # Nobody can read the counters during a step: no step event is heard, no
                     # check or skip reads the state, and every batch is one direct step.
                     deferred = may_defer and all(emitters[event] is None for event in STEP_EVENTS)
+                    asked = wanted.get("batch_end", ())
+                    loss_at_batch_end, losses_at_batch_end = "loss" in asked, "losses" in asked
+                    losses_at_backward_start = "losses" in wanted.get("backward_start", ())
+                    losses_at_backward_end = "losses" in wanted.get("backward_end", ())
                     done_base = batch_idx - steps
                 # One change per batch start: samples_seen counts this batch from batch_start on.
                 if (
@@ -331,9 +333,7 @@ class TrainingLoop:
                     elif backward_start is not None and backward_start(
                         batch,
                         loss,
-                        named_losses(output)
-                        if "losses" in wanted.get("backward_start", ())
-                        else None,
+                        named_losses(output) if losses_at_backward_start else None,
                     ):
                         release_reduction(engine)
                     else:
@@ -344,9 +344,10 @@ class TrainingLoop:
                         if direct is None:
                             policy.open_group += 1
                         if backward_end is not None:
-                            asked = wanted.get("backward_end", ())
                             backward_end(
-                                batch, loss, named_losses(output) if "losses" in asked else None
+                                batch,
+                                loss,
+                                named_losses(output) if losses_at_backward_end else None,
                             )
                         if direct is None:
                             if policy.open_group == accumulate or is_last:
@@ -392,11 +393,10 @@ class TrainingLoop:
                 # Distributed: emitted on every rank (its emitter is never None), so that each
                 # knows when to agree, even where the subscribers run on rank 0 only.
                 if batch_end is not None:
-                    asked = wanted.get("batch_end", ())
                     batch_end(
                         batch,
-                        None if loss is None or "loss" not in asked else loss.detach(),
-                        None if loss is None or "losses" not in asked else detached_all(output),
+                        None if loss is None or not loss_at_batch_end else loss.detach(),
+                        None if loss is None or not losses_at_batch_end else detached_all(output),
                     )
                 if checks and not is_last:
                     self._within_epoch(batch_idx, val_loader, interval)
