@@ -36,6 +36,20 @@ def expected_after(iteration: int) -> tuple[int, int, int, int]:
     return ((iteration - 1) % BATCHES_PER_EPOCH, iteration, iteration * BATCH, iteration)
 
 
+LOGGING_TWO_EPOCHS = {"max_epochs": 2, "log_every_n_batches": 4}
+
+
+def assert_resumes_as(straight: Trainer, path: Path, model: SupervisedModel) -> None:
+    """Resuming the run in ``path`` ends as ``straight`` did: counters and weights."""
+    resumed = Trainer.from_maps(path, model, default_callbacks=False)
+    end = resumed.train(make_loader(shuffle=True))
+    assert counters(end) == counters(straight.state) == expected_after(12)
+    for expected, found in zip(
+        straight.model.parameters(), resumed.model.parameters(), strict=True
+    ):
+        assert torch.equal(expected, found)
+
+
 def recorded_run(path: Path, *, step_subscriber: bool) -> tuple[list[Any], TrainerState]:
     trainer = Trainer(
         path, make_model(), default_callbacks=False, max_epochs=2, log_every_n_batches=4
@@ -211,11 +225,10 @@ def test_an_exception_mid_step_is_reported_with_the_counters_of_that_step(
 def test_a_pause_asked_at_a_log_step_writes_the_exact_position_and_resumes_exactly(
     quiet_trainer: Any, tmp_path: Path
 ) -> None:
-    options = {"max_epochs": 2, "log_every_n_batches": 4}
-    straight = quiet_trainer(maps=tmp_path / "straight", **options)
+    straight = quiet_trainer(maps=tmp_path / "straight", **LOGGING_TWO_EPOCHS)
     straight.train(make_loader(shuffle=True))
 
-    paused = quiet_trainer(maps=tmp_path / "paused", **options)
+    paused = quiet_trainer(maps=tmp_path / "paused", **LOGGING_TWO_EPOCHS)
     paused.on("loss_logged", when=lambda state: state.iteration == 8)(
         lambda: [Stop("pause", resumable=True), SaveTrainingState("pause")]
     )
@@ -226,25 +239,19 @@ def test_a_pause_asked_at_a_log_step_writes_the_exact_position_and_resumes_exact
     )
     assert document["position"] == {"epoch": 1, "batches_done": 2, "in_epoch": True}
     assert counters(TrainerState(**document["state"])) == expected_after(8)
-
-    resumed = Trainer.from_maps(tmp_path / "paused", make_model(), default_callbacks=False)
-    end = resumed.train(make_loader(shuffle=True))
-    assert counters(end) == counters(straight.state) == expected_after(12)
-    for name, tensor in straight.model.state_dict().items():
-        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    assert_resumes_as(straight, tmp_path / "paused", make_model())
 
 
 def test_a_signal_between_log_steps_saves_the_exact_position(
     quiet_trainer: Any, tmp_path: Path
 ) -> None:
-    options = {"max_epochs": 2, "log_every_n_batches": 4}
-    straight = quiet_trainer(maps=tmp_path / "straight", **options)
+    straight = quiet_trainer(maps=tmp_path / "straight", **LOGGING_TWO_EPOCHS)
     straight.train(make_loader(shuffle=True))
 
     interrupted = quiet_trainer(
         maps=tmp_path / "interrupted",
         model=acting_model(7, lambda: os.kill(os.getpid(), signal.SIGTERM)),
-        **options,
+        **LOGGING_TWO_EPOCHS,
     )
     with pytest.raises(SystemExit):
         interrupted.train(make_loader(shuffle=True))  # step 7: epoch 2, batch 0
@@ -254,15 +261,4 @@ def test_a_signal_between_log_steps_saves_the_exact_position(
     )
     assert document["position"] == {"epoch": 1, "batches_done": 1, "in_epoch": True}
     assert counters(TrainerState(**document["state"])) == expected_after(7)
-
-    resumed = Trainer.from_maps(
-        tmp_path / "interrupted",
-        acting_model(0, fail),
-        default_callbacks=False,  # never acts
-    )
-    end = resumed.train(make_loader(shuffle=True))
-    assert counters(end) == counters(straight.state) == expected_after(12)
-    for expected, found in zip(
-        straight.model.parameters(), resumed.model.parameters(), strict=True
-    ):
-        assert torch.equal(expected, found)
+    assert_resumes_as(straight, tmp_path / "interrupted", acting_model(0, fail))  # never acts
