@@ -43,6 +43,7 @@ from trainbus.engine.stepping import (
     direct_optimizer,
     gradient_sync,
     optimizer_step,
+    record_moved_rates,
     release_reduction,
 )
 
@@ -435,10 +436,7 @@ class TrainingLoop:
             batch_idx=batch_idx, iteration=iteration, samples_seen=seen, global_step=steps
         )
         self.position["batches_done"] = batches_done
-        if not engine.tensor_rates and rates_moved(
-            engine.optimizers, engine.state.values["learning_rates"]
-        ):
-            engine.state.update(**learning_rates(engine.optimizers, read_tensors=True))
+        record_moved_rates(engine)
 
     def _within_epoch(
         self, batch_idx: int, val_loader: Iterable[Any] | None, interval: int | None

@@ -88,12 +88,20 @@ def optimizer_step(engine: Engine, batches_in_group: int) -> None:
     if scaler is not None:
         scaler.update()
     engine.zero_grad()
-    state = engine.state
-    state.step_done()
-    # Tensor learning rates are read at log intervals only: comparing them would sync.
-    if not engine.tensor_rates and rates_moved(optimizers, state.values["learning_rates"]):
-        state.update(**learning_rates(optimizers, read_tensors=True))
+    engine.state.step_done()
+    record_moved_rates(engine)
     dispatcher.fire("optimizer_step_end", optimizers)
+
+
+def record_moved_rates(engine: Engine) -> None:
+    """Put the optimizers' learning rates into the state if one moved since it was recorded.
+
+    Tensor learning rates are left to the log intervals: comparing them would sync.
+    """
+    if not engine.tensor_rates and rates_moved(
+        engine.optimizers, engine.state.values["learning_rates"]
+    ):
+        engine.state.update(**learning_rates(engine.optimizers, read_tensors=True))
 
 
 def scale_gradients(optimizers: Iterable[torch.optim.Optimizer], factor: float) -> None:
